@@ -1,0 +1,89 @@
+"""Suite-wide setup: the loopback-only network guard, in this process and in every child."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+NETGUARD_DIR = Path(__file__).resolve().parent / "netguard"
+_MONKEYPATCH = pytest.StashKey[pytest.MonkeyPatch]()
+_LOOPBACK = "127.0.0.1,localhost,::1"
+
+
+def _load_netguard() -> ModuleType:
+    # Loaded under its own name: importing it as `sitecustomize` would shadow the real one.
+    spec = importlib.util.spec_from_file_location(
+        "trainkit_netguard", NETGUARD_DIR / "sitecustomize.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # tests reach it as sys.modules["trainkit_netguard"]
+    return module
+
+
+netguard = _load_netguard()
+
+
+def _keep_guard_under_pytest_socket() -> None:
+    """Make pytest-socket restore our guarded functions, not the raw ones, after each test.
+
+    pytest-socket saves socket.socket.connect & co. when it is imported (before this
+    conftest) and puts those back at every teardown, which would drop our guard from
+    the pytest process after the first test.
+    """
+    import socket
+
+    try:
+        import pytest_socket
+    except ImportError:  # not installed: our guard is the only layer, nothing to keep
+        return
+    for saved, current in (
+        ("_true_connect", socket.socket.connect),
+        ("_true_getaddrinfo", socket.getaddrinfo),
+        ("_true_gethostbyname", socket.gethostbyname),
+    ):
+        if hasattr(pytest_socket, saved):
+            setattr(pytest_socket, saved, current)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    mp = pytest.MonkeyPatch()
+    config.stash[_MONKEYPATCH] = mp
+    old = os.environ.get("PYTHONPATH")
+    # First on PYTHONPATH: every child Python runs netguard/sitecustomize.py at start-up.
+    mp.setenv("PYTHONPATH", f"{NETGUARD_DIR}{os.pathsep}{old}" if old else str(NETGUARD_DIR))
+    mp.setenv(netguard.ENV_VAR, "1")
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name in ("NO_PROXY", "no_proxy"):
+        # A developer's HTTP proxy must not sit between the tests and their local servers.
+        current = os.environ.get(name)
+        mp.setenv(name, f"{current},{_LOOPBACK}" if current else _LOOPBACK)
+    netguard.install()
+    _keep_guard_under_pytest_socket()
+    # Without entry-point autoload (PYTEST_DISABLE_PLUGIN_AUTOLOAD) our fixtures still load.
+    if not config.pluginmanager.has_plugin("trainkit_tracking"):
+        import trainkit_tracking.testing
+
+        config.pluginmanager.register(trainkit_tracking.testing, "trainkit_tracking")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    mp = config.stash.get(_MONKEYPATCH, None)
+    if mp is not None:
+        mp.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Spooled batches of any test without its own store land in the pytest tmp dir."""
+    spool = tmp_path_factory.mktemp("spool")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRAINKIT_SPOOL_DIR", str(spool))
+        yield spool

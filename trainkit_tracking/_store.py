@@ -1,0 +1,315 @@
+"""The only module that talks to MLflow: a thin MlflowClient wrapper with explicit run ids.
+
+Experiment get-or-create (race-safe), run creation and termination, search, batched
+logging and race-free version claims live here, with the retries and the error
+translation that go with them. mlflow is imported lazily, on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from trainkit_tracking.errors import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
+CLAIM_PREFIX = ".trainkit-claims"
+_TRANSIENT_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+_TRANSIENT_TEXT = ("database is locked", "connection", "timed out", "temporarily", "max retries")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the SDK reads back about one run."""
+
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The MLflow error code of ``exc`` (e.g. ``RESOURCE_ALREADY_EXISTS``), if it has one."""
+    code = getattr(exc, "error_code", None)
+    return code if isinstance(code, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the call that raised ``exc`` may succeed (store busy, down or slow)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    code = error_code(exc)
+    if code in _TRANSIENT_CODES:
+        return True
+    if code is not None and code not in ("INTERNAL_ERROR",):
+        return False
+    text = str(exc).lower()
+    return any(fragment in text for fragment in _TRANSIENT_TEXT)
+
+
+def retry(call: Callable[[], T], *, what: str, attempts: int = 8, base_delay: float = 0.05) -> T:
+    """Run ``call``, retrying transient store errors with capped exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            delay = min(base_delay * 2**attempt, 2.0)
+            log.debug("retrying %s after transient error (%s); attempt %d", what, exc, attempt + 1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def claim_experiment_name(experiment_id: str, base_name: str, version: int) -> str:
+    """The hidden experiment name whose creation claims ``version`` of ``base_name``."""
+    digest = hashlib.sha256(base_name.encode("utf-8")).hexdigest()[:32]
+    return f"{CLAIM_PREFIX}/{experiment_id}/{digest}/{version}"
+
+
+class Store:
+    """MlflowClient with explicit run ids, retries and error translation."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # Experiments -------------------------------------------------------------
+
+    def get_or_create_experiment(self, name: str) -> str:
+        """Return the id of experiment ``name``, creating it; safe when processes race."""
+        for _ in range(5):
+            experiment = retry(
+                lambda: self.client.get_experiment_by_name(name), what="get_experiment_by_name"
+            )
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"experiment {name!r} exists but is deleted; restore it in the MLflow UI "
+                        "or with `mlflow experiments restore`, or use another experiment name"
+                    )
+                return str(experiment.experiment_id)
+            try:
+                return str(
+                    retry(lambda: self.client.create_experiment(name), what="create_experiment")
+                )
+            except Exception as exc:
+                if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Another process created it between our lookup and our create: look again.
+        raise TrackingError(f"could not get or create experiment {name!r}")
+
+    def experiment_name(self, experiment_id: str) -> str:
+        experiment = retry(lambda: self.client.get_experiment(experiment_id), what="get_experiment")
+        return str(experiment.name)
+
+    def claim_version(self, experiment_id: str, base_name: str, start: int) -> int:
+        """Claim the first free version >= ``start`` of ``base_name`` in the experiment.
+
+        A claim is the creation of a hidden experiment with a name unique to
+        (experiment, base name, version): experiment names are unique in every MLflow
+        backend, so exactly one creator wins each version, whatever the number of
+        processes or machines. The claim is then soft-deleted (hidden from the UI; its
+        name stays reserved).
+        """
+        version = max(1, start)
+        while True:
+            name = claim_experiment_name(experiment_id, base_name, version)
+            try:
+                claim_id = retry(
+                    lambda n=name: self.client.create_experiment(n),  # type: ignore[misc]
+                    what="claim version",
+                )
+            except Exception as exc:
+                if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
+                    version += 1
+                    continue
+                raise
+            self._hide_claim(str(claim_id))
+            return version
+
+    def _hide_claim(self, claim_id: str) -> None:
+        try:
+            self.client.delete_experiment(claim_id)
+        except Exception as exc:  # a visible claim is cosmetic, never fatal
+            log.debug("could not hide version claim %s: %s", claim_id, exc)
+
+    # Runs --------------------------------------------------------------------
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
+        run = retry(
+            lambda: self.client.create_run(experiment_id, tags=dict(tags), run_name=run_name),
+            what="create_run",
+        )
+        return _record(run)
+
+    def rename_run(self, run_id: str, name: str) -> None:
+        retry(lambda: self.client.update_run(run_id, name=name), what="update_run")
+
+    def set_status(self, run_id: str, status: str) -> None:
+        retry(lambda: self.client.update_run(run_id, status=status), what="update_run")
+
+    def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        from mlflow.entities import RunStatus
+
+        # MlflowClient.set_terminated() fetches the run again and writes "View run ..."
+        # lines to stdout for http stores (mlflow/tracking/_tracking_service/client.py,
+        # _log_url): a library must not print into its user's training logs, so go to
+        # the store directly when the client exposes it.
+        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+        end = end_time or int(time.time() * 1000)
+        if store is None or not hasattr(store, "update_run_info"):
+            retry(
+                lambda: self.client.set_terminated(run_id, status=status, end_time=end),
+                what="set_terminated",
+            )
+            return
+        retry(
+            lambda: store.update_run_info(
+                run_id, run_status=RunStatus.from_string(status), end_time=end, run_name=None
+            ),
+            what="update_run_info",
+        )
+
+    def get_run(self, run_id: str) -> RunRecord:
+        return _record(retry(lambda: self.client.get_run(run_id), what="get_run"))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.log_batch(run_id, tags=tags)
+
+    def search(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        order_by: Sequence[str] = ("attributes.start_time DESC",),
+        max_results: int | None = None,
+        include_deleted: bool = False,
+    ) -> list[RunRecord]:
+        """All runs matching ``filter_string`` (every page), newest first by default."""
+        return list(
+            self.iter_search(
+                experiment_ids,
+                filter_string,
+                order_by=order_by,
+                max_results=max_results,
+                include_deleted=include_deleted,
+            )
+        )
+
+    def iter_search(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        order_by: Sequence[str] = ("attributes.start_time DESC",),
+        max_results: int | None = None,
+        include_deleted: bool = False,
+    ) -> Iterator[RunRecord]:
+        from mlflow.entities import ViewType
+
+        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+        token: str | None = None
+        seen = 0
+        while True:
+            page_size = 1000 if max_results is None else min(1000, max_results - seen)
+            page = retry(
+                lambda page_size=page_size, token=token: self.client.search_runs(  # type: ignore[misc]
+                    list(experiment_ids),
+                    filter_string=filter_string,
+                    run_view_type=view,
+                    max_results=page_size,
+                    order_by=list(order_by),
+                    page_token=token,
+                ),
+                what="search_runs",
+            )
+            for run in page:
+                yield _record(run)
+                seen += 1
+            token = page.token
+            if not token or (max_results is not None and seen >= max_results):
+                return
+
+    # Logging -----------------------------------------------------------------
+
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[tuple[str, float, int, int]] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send one batch: metrics as (key, value, timestamp_ms, step) tuples.
+
+        Re-sending the same batch is harmless: MLflow ignores a metric point with the
+        same key, value, timestamp and step, a param with the same value, and tags are
+        upserts. The logger's exactly-once guarantee rests on this.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
+        param_entities = [Param(k, v) for k, v in (params or {}).items()]
+        tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()]
+        retry(
+            lambda: self.client.log_batch(
+                run_id,
+                metrics=metric_entities,
+                params=param_entities,
+                tags=tag_entities,
+                synchronous=True,
+            ),
+            what="log_batch",
+        )
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None) -> None:
+        self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+
+def _record(run: Any) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        run_id=str(info.run_id),
+        experiment_id=str(info.experiment_id),
+        name=str(info.run_name or data.tags.get("mlflow.runName", "")),
+        status=str(info.status),
+        start_time=info.start_time,
+        end_time=info.end_time,
+        tags=dict(data.tags),
+        params=dict(data.params),
+        metrics=dict(data.metrics),
+    )
