@@ -7,8 +7,11 @@ translation that go with them. mlflow is imported lazily, on first use.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,14 +136,15 @@ class Store:
         experiment = retry(lambda: self.client.get_experiment(experiment_id), what="get_experiment")
         return str(experiment.name)
 
-    def claim_version(self, experiment_id: str, base_name: str, start: int) -> int:
+    def claim_version(self, experiment_id: str, base_name: str, start: int = 1) -> int:
         """Claim the first free version >= ``start`` of ``base_name`` in the experiment.
 
         A claim is the creation of a hidden experiment with a name unique to
         (experiment, base name, version): experiment names are unique in every MLflow
         backend, so exactly one creator wins each version, whatever the number of
-        processes or machines. The claim is then soft-deleted (hidden from the UI; its
-        name stays reserved).
+        processes or machines. The claim is then soft-deleted in the background (hidden
+        from the UI; its name stays reserved). Claims are never released, so the taken
+        versions form a prefix: when ``start`` is taken, reads gallop to the end of it.
         """
         version = max(1, start)
         while True:
@@ -152,13 +156,35 @@ class Store:
                 )
             except Exception as exc:
                 if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
-                    version += 1
+                    version = self._first_free(experiment_id, base_name, version + 1)
                     continue
                 raise
-            self._hide_claim(str(claim_id))
+            _hide_later(self, str(claim_id))
             return version
 
-    def _hide_claim(self, claim_id: str) -> None:
+    def _claimed(self, experiment_id: str, base_name: str, version: int) -> bool:
+        name = claim_experiment_name(experiment_id, base_name, version)
+        found = retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
+        return found is not None
+
+    def _first_free(self, experiment_id: str, base_name: str, low: int) -> int:
+        """The lowest version >= ``low`` not claimed yet, in O(log n) reads."""
+        if not self._claimed(experiment_id, base_name, low):
+            return low
+        step = 1
+        taken, high = low, low + 1
+        while self._claimed(experiment_id, base_name, high):
+            taken, step = high, step * 2
+            high = taken + step
+        while high - taken > 1:
+            middle = (taken + high) // 2
+            if self._claimed(experiment_id, base_name, middle):
+                taken = middle
+            else:
+                high = middle
+        return high
+
+    def hide_claim(self, claim_id: str) -> None:
         try:
             self.client.delete_experiment(claim_id)
         except Exception as exc:  # a visible claim is cosmetic, never fatal
@@ -298,6 +324,36 @@ class Store:
 
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None) -> None:
         self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+
+_hide_queue: queue.SimpleQueue[tuple[Store, str] | None] = queue.SimpleQueue()
+_hide_thread: threading.Thread | None = None
+_hide_lock = threading.Lock()
+
+
+def _hide_worker() -> None:
+    while (item := _hide_queue.get()) is not None:
+        store, claim_id = item
+        store.hide_claim(claim_id)
+
+
+def _drain_hides() -> None:
+    if _hide_thread is not None and _hide_thread.is_alive():
+        _hide_queue.put(None)
+        _hide_thread.join(timeout=5.0)
+
+
+def _hide_later(store: Store, claim_id: str) -> None:
+    """Soft-delete a claim off the run-creation path (a daemon thread, drained at exit)."""
+    global _hide_thread
+    with _hide_lock:
+        if _hide_thread is None or not _hide_thread.is_alive():
+            _hide_thread = threading.Thread(
+                target=_hide_worker, name="trainkit-claims", daemon=True
+            )
+            _hide_thread.start()
+            atexit.register(_drain_hides)
+    _hide_queue.put((store, claim_id))
 
 
 def _record(run: Any) -> RunRecord:

@@ -86,6 +86,9 @@ _DEFAULT_KEYS: dict[str, str] = {
     # Run state.
     "interrupted": "code.interrupted",
     "heartbeat": "code.heartbeat",
+    # The identity fields of the RunSpec as JSON (set by the Tracker at creation), so a
+    # joined run rebuilds exactly the spec it was created with.
+    "run_spec": "code.run_spec",
 }
 
 # User tags (spec.tags) may override any tag except these, which find(), the run tree

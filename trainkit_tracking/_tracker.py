@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import re
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -20,9 +23,11 @@ from trainkit_tracking._store import RunRecord, Store
 from trainkit_tracking._tags import TagKeys, TagSet, creation_tags
 from trainkit_tracking._version import __version__
 from trainkit_tracking.errors import TrackingError, TrackingWarning
-from trainkit_tracking.models import Lineage, RunKind, RunSpec, validate_run_id
+from trainkit_tracking.models import IDENTITY_FIELDS, Lineage, RunKind, RunSpec, validate_run_id
 
 log = logging.getLogger(__name__)
+
+_HANDED_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 _SEED_INHERITED_TAGS = {
     "model": "model",
@@ -81,9 +86,9 @@ class Tracker:
         self._experiment_name: str | None = None
         self._fell_back = False
         self._warned: set[str] = set()
-        self._rank: int | None = None
         self._open: weakref.WeakSet[Run] = weakref.WeakSet()
         self._atexit_registered = False
+        self._next_version: dict[tuple[str, str], int] = {}  # a hint only: claims decide
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Tracker:
@@ -147,32 +152,20 @@ class Tracker:
                 self._environ.get(_env.MLFLOW_TRACKING_URI) or None,
                 _env.MLFLOW_TRACKING_URI,
             )
-        if not uri:
-            workspace = _azure.workspace_configured(self._environ, *self._azure_args)
-            if workspace is not None:
-                try:
-                    uri = _azure.bounded(
-                        lambda: _azure.workspace_uri(*workspace),
-                        timeout=self.azure_timeout,
-                        what="the Azure ML workspace lookup",
-                    )
-                    source = "azure workspace"
-                except Exception as exc:
-                    self._azure_failed(exc)
-                    uri = None
-        if uri and _azure.is_azure_uri(uri):
+        workspace = None if uri else _azure.workspace_configured(self._environ, *self._azure_args)
+        if workspace is not None or _azure.is_azure_uri(uri):
             try:
-                _azure.prepare(uri, timeout=self.azure_timeout)
-                self._environ.setdefault(
-                    _env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, _azure.ARTIFACTS_TIMEOUT_DEFAULT
-                )
-                # The one documented write to os.environ: azureml-mlflow reads it there.
-                os.environ.setdefault(
-                    _env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, _azure.ARTIFACTS_TIMEOUT_DEFAULT
-                )
+                uri = _azure.connect(uri, workspace, timeout=self.azure_timeout)
             except Exception as exc:
                 self._azure_failed(exc)
                 uri = None
+            else:
+                source = "azure workspace" if workspace is not None else source
+                timeout = self._environ.setdefault(
+                    _env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, _azure.ARTIFACTS_TIMEOUT_DEFAULT
+                )
+                # The one documented write to os.environ: azureml-mlflow reads it there.
+                os.environ.setdefault(_env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, timeout)
         if not uri:
             cwd = self._cwd or Path.cwd()
             path = local_store_path(self._platform, cwd=cwd, project=self._project)
@@ -180,16 +173,14 @@ class Tracker:
         return uri, source
 
     def _azure_failed(self, exc: BaseException) -> None:
+        failure = _azure.explain(exc)
         if not self.fallback_to_local:
-            raise TrackingError(
-                f"Azure ML tracking is not available ({exc}); fix it or pass "
-                "fallback_to_local=True to use the local store"
-            ) from exc
+            raise failure from exc
         self._fell_back = True
         self.warn_once(
             "azure",
-            f"Azure ML tracking is not available ({exc}); using the local store instead. "
-            f"Install the azure extra ({_azure.INSTALL_HINT}) and check your Azure login.",
+            f"Azure ML tracking is not available: {failure.reason}; using the local store "
+            f"instead (fallback_to_local=True); to fix it, {failure.fix}",
         )
 
     def warn_once(self, topic: str, message: str) -> None:
@@ -231,13 +222,14 @@ class Tracker:
             self._tracking_uri, self._uri_source = uri, source
             self._experiment_id, self._experiment_name = experiment_id, name
             self._store = store
-            self._rank = _rank.current_rank(self._environ)
             return uri, experiment_id
 
     # Runs ------------------------------------------------------------------------
 
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         uri = self.tracking_uri
+        if _azure.is_azure_uri(uri):
+            return _azure.studio_url(uri, run_id)
         if uri.startswith(("http://", "https://")):
             return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         return None
@@ -256,11 +248,18 @@ class Tracker:
             env[_env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT] = self._environ.get(
                 _env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, _azure.ARTIFACTS_TIMEOUT_DEFAULT
             )
+            # Keeps azureml-mlflow's job-token sign-in working in the child (join mode
+            # replaces it with the joined run); never set after a fallback to local.
+            auth_run = _azure.token_auth_run_id(self._environ, self.tracking_uri)
+            if auth_run is not None:
+                env[_env.MLFLOW_RUN_ID] = auth_run
         return env
 
     def _is_rank_zero(self) -> bool:
-        self.setup()
-        return self._rank == 0
+        # Decided per call, not cached: torch.distributed may be initialised after the
+        # Tracker is built. Ranks other than 0 never touch the store (no setup, no
+        # migration race on a fresh sqlite file).
+        return _rank.current_rank(self._environ) == 0
 
     def _noop_collective(self, spec: RunSpec | None) -> Run:
         """The non-zero-rank side of a collective start_run/child/attach."""
@@ -301,9 +300,10 @@ class Tracker:
         store = self.store
         parent_id, experiment_id = self._parent(parent)
         if parent_id is None:
-            job_run = None if self._fell_back else _azure.job_run_id(self._environ)
-            if job_run is not None:
-                return self._adopt_job_run(spec, job_run)
+            job_run = _azure.job_run_id(self._environ, self.tracking_uri)
+            adopted = self._adopt_job_run(spec, job_run) if job_run is not None else None
+            if adopted is not None:
+                return adopted
         if resume:
             for record in self._find_records(spec, experiment_id):
                 if record.status != "FINISHED":
@@ -315,13 +315,19 @@ class Tracker:
         if name is None and self.policy.is_versioned(spec):
             base = self.policy.base_name(spec)
             version = store.claim_version(
-                experiment_id, base, self._version_hint(experiment_id, base)
+                experiment_id, base, self._next_version.get((experiment_id, base), 1)
             )
+            self._next_version[(experiment_id, base)] = version + 1
             name = self.policy.render(spec, version=version)
             tags = tags | {self.keys["base_name"]: base, self.keys["version"]: str(version)}
         elif name is None:
             name = self.policy.render(spec)
         tags = tags | creation_tags(self.keys, run_name=name, parent_run_id=parent_id)
+        # The first heartbeat rides on creation; the logger refreshes it from then on.
+        tags = tags | {
+            self.keys["heartbeat"]: str(int(time.time())),
+            self.keys["run_spec"]: spec_identity_json(spec),
+        }
         record = store.create_run(experiment_id, name, tags)
         if spec.run_name is None and name_override is None and self.policy.needs_run_id(spec):
             final = self.policy.render(spec, run_id=record.run_id)
@@ -339,16 +345,6 @@ class Tracker:
             environ=self._environ,
         )
 
-    def _version_hint(self, experiment_id: str, base: str) -> int:
-        if "'" in base or "\\" in base:
-            return 1
-        key = self.keys["base_name"]
-        records = self.store.search([experiment_id], f"tags.`{key}` = '{base}'")
-        versions = [
-            int(v) for r in records if (v := r.tags.get(self.keys["version"], "")).isdigit()
-        ]
-        return max(versions, default=0) + 1
-
     def _parent(self, parent: Run | str | None) -> tuple[str | None, str]:
         if parent is None:
             return None, self.experiment_id
@@ -356,16 +352,42 @@ class Tracker:
             if parent.experiment_id:
                 return parent.id, parent.experiment_id
             parent = parent.id
-        validate_run_id(parent, "parent")
-        return parent, self.store.get_run(parent).experiment_id
+        return parent, self._get_handed_run(parent, "parent").experiment_id
 
-    def _adopt_job_run(self, spec: RunSpec, run_id: str) -> Run:
-        """Inside an Azure ML job: tag the job's run instead of creating a second one."""
-        name = spec.run_name or self.policy.render(spec)
-        tags = self._spec_tags(spec) | {self.keys["run_name"]: name}
-        self.store.set_tags(run_id, tags)
-        record = self.store.get_run(run_id)
-        return self._make_run(record, spec, owns_status=False)
+    def _adopt_job_run(self, spec: RunSpec, run_id: str) -> Run | None:
+        """Inside an Azure ML job: take over the run the job created instead of a second one.
+
+        Azure ML owns that run's status (the Run never ends it) and shows the job's
+        display name; the policy name goes to ``code.run_name`` and ``run.name``. None
+        when the job's run already holds another identity: that start_run then creates
+        an ordinary top-level run.
+        """
+        store, keys = self.store, self.keys
+        record = store.get_run(run_id)
+        held = record.tags.get(keys["run_key_hash"])
+        if held is not None and held != spec.run_key_hash:
+            log.info("the Azure ML job's run %s holds another run; creating a new one", run_id)
+            return None
+        name = record.tags.get(keys["run_name"]) if held is not None else None
+        if name is None:
+            tags = self._spec_tags(spec)
+            name = spec.run_name
+            if name is None and self.policy.is_versioned(spec):
+                experiment_id = record.experiment_id
+                base = self.policy.base_name(spec)
+                version = store.claim_version(experiment_id, base)
+                name = self.policy.render(spec, version=version)
+                tags = tags | {keys["base_name"]: base, keys["version"]: str(version)}
+            elif name is None:
+                name = self.policy.render(spec, run_id=run_id)
+            created = {
+                keys["run_name"]: name,
+                keys["heartbeat"]: str(int(time.time())),
+                keys["run_spec"]: spec_identity_json(spec),
+            }
+            store.set_tags(run_id, tags | created)
+            record = store.get_run(run_id)
+        return self._make_run(dataclasses.replace(record, name=name), spec, owns_status=False)
 
     def _make_run(self, record: RunRecord, spec: RunSpec | None, *, owns_status: bool) -> Run:
         from trainkit_tracking._logging import RunLogger
@@ -430,14 +452,32 @@ class Tracker:
         )
 
     def _join(self, run_id: str) -> Run:
-        validate_run_id(run_id, _env.TRAINKIT_RUN_ID)
-        record = self.store.get_run(run_id)
+        record = self._get_handed_run(run_id, _env.TRAINKIT_RUN_ID)
         spec = _spec_from_tags(record.tags, self.keys)
         return self._make_run(record, spec, owns_status=False)
 
+    def _get_handed_run(self, run_id: str, source: str) -> RunRecord:
+        """Read a run named by the caller or the environment, with an error that says why not.
+
+        Run ids are MLflow's 32-hex ids on most stores, but an Azure ML job's run id is
+        its job name, so only the character set is checked here.
+        """
+        if not isinstance(run_id, str) or not _HANDED_RUN_ID.match(run_id):
+            raise TrackingError(f"{source} must be a run id, got {run_id!r}")
+        try:
+            return self.store.get_run(run_id)
+        except Exception as exc:
+            hint = (
+                " (the tracker fell back to the local store, where the Azure run does not exist)"
+                if self._fell_back
+                else ""
+            )
+            raise TrackingError(
+                f"run {run_id!r} from {source} is not in the store {self.tracking_uri!r}{hint}: {exc}"
+            ) from exc
+
     def _seed_child_spec(self, parent_id: str) -> RunSpec:
-        validate_run_id(parent_id, _env.MLFLOW_PARENT_RUN_ID)
-        parent = self.store.get_run(parent_id)
+        parent = self._get_handed_run(parent_id, _env.MLFLOW_PARENT_RUN_ID)
         fields: dict[str, Any] = {}
         for logical, field in _SEED_INHERITED_TAGS.items():
             value = parent.tags.get(self.keys[logical])
@@ -535,8 +575,19 @@ class Tracker:
             run.end("FINISHED", timeout=timeout)
 
 
+def spec_identity_json(spec: RunSpec) -> str:
+    """The identity fields of ``spec`` (and its environment) as compact JSON."""
+    return spec.model_dump_json(include={*IDENTITY_FIELDS, "environment"}, exclude_none=True)
+
+
 def _spec_from_tags(tags: Mapping[str, str], keys: TagKeys) -> RunSpec | None:
     """Rebuild the RunSpec of a run from its tags (for joined runs), when it has them."""
+    stored = tags.get(keys["run_spec"])
+    if stored:
+        try:
+            return RunSpec.model_validate_json(stored)
+        except ValueError:
+            pass  # written by another version: fall back to the individual tags
     fields: dict[str, Any] = {}
     mapping = {
         "run_kind": "kind",
@@ -544,10 +595,12 @@ def _spec_from_tags(tags: Mapping[str, str], keys: TagKeys) -> RunSpec | None:
         "project": "project",
         "env": "environment",
         "storage_env": "storage_env",
+        "study_name": "study_name",
         "study_key_hash": "study_key_hash",
         "study_family_hash": "study_family_hash",
         "trial_key_hash": "trial_key_hash",
         "trial_number": "trial_number",
+        "variant": "variant",
         "fold_idx": "fold_idx",
         "spec_fp": "spec_fp",
         "exec_fp": "exec_fp",
