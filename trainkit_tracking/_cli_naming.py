@@ -1,0 +1,109 @@
+"""The ``name`` and ``policy check`` commands' helpers: a RunSpec from options, sample names.
+
+Errors name the option (``--trial-number``), not the RunSpec field, so users can fix them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from trainkit_tracking._cli_common import EXIT_USAGE, CliError
+from trainkit_tracking._naming import NamingPolicy
+from trainkit_tracking.models import REQUIRED_FIELDS, RunKind, RunSpec
+
+# `name` option -> RunSpec field.
+NAME_FIELDS = {
+    "study_key_hash": "study_key_hash",
+    "study_name": "study_name",
+    "trial_key_hash": "trial_key_hash",
+    "trial_number": "trial_number",
+    "fold_idx": "fold_idx",
+    "spec_fp": "spec_fp",
+    "exec_fp": "exec_fp",
+    "variant": "variant",
+    "conv_fp": "conv_fp",
+    "parent_training_id": "parent_training_id",
+    "benchmark_config_hash": "benchmark_config_hash",
+    "env": "environment",
+    "storage_env": "storage_env",
+}
+_OPTIONS = {field: option for option, field in NAME_FIELDS.items()}
+
+
+def flag(field: str) -> str:
+    """The command-line option of a RunSpec field (``environment`` -> ``--env``)."""
+    return "--" + _OPTIONS.get(field, field).replace("_", "-")
+
+
+def spec_error(exc: ValidationError, given: Collection[str]) -> str:
+    """One line from a pydantic ValidationError, naming each bad field by its option."""
+    parts = []
+    for error in exc.errors():
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        loc = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
+        if loc == ["storage_env"] and "storage_env" not in given:
+            continue  # copied from --env, whose own error says it all
+        parts.append(f"{flag(loc[0])}: {message}" if loc else message)
+    return "invalid spec: " + "; ".join(parts)
+
+
+def build_spec(kind: str, model: str, options: Mapping[str, Any]) -> RunSpec:
+    """The RunSpec of the ``name`` options; CliError (exit 2) naming the bad or missing option."""
+    run_kind = RunKind(kind.lower())
+    data: dict[str, Any] = {"kind": run_kind, "model": model}
+    data.update({NAME_FIELDS[k]: v for k, v in options.items() if v is not None})
+    missing = [flag(f) for f in REQUIRED_FIELDS.get(run_kind, ()) if f not in data]
+    if missing:
+        raise CliError(
+            f"invalid spec: --kind {run_kind.value} needs {' and '.join(missing)}", EXIT_USAGE
+        )
+    try:
+        return RunSpec(**data)
+    except ValidationError as exc:
+        raise CliError(spec_error(exc, data), EXIT_USAGE) from exc
+
+
+# Sample specs for `policy check`: rendering catches what loading cannot (a literal ':').
+_BASE: dict[str, Any] = {
+    "model": "distilbert-base-uncased",
+    "environment": "local",
+    "study_key_hash": "350a79aa9c1e4b2f",
+    "study_name": "ner study",
+    "trial_key_hash": "7c1d02ab55e0f3a1",
+    "trial_number": 5,
+}
+_PER_KIND: dict[RunKind, dict[str, Any]] = {
+    RunKind.HPO_SWEEP: {},
+    RunKind.HPO_TRIAL: {},
+    RunKind.HPO_TRIAL_FOLD: {"fold_idx": 1},
+    RunKind.HPO_REFIT: {},
+    RunKind.FINAL_TRAINING: {"spec_fp": "abc123de4567", "exec_fp": "0f9e8d7c6b5a", "variant": 2},
+    RunKind.BENCHMARKING: {"benchmark_config_hash": "be9c4a1f00d2"},
+    RunKind.CONVERSION: {
+        "conv_fp": "c0ffee123456",
+        "parent_training_id": "spec_abc123de4567_exec_0f9e8d7c6b5a/v2",
+    },
+}
+SAMPLE_RUN_ID = "4634a675293f420d8f6ae72fc55778c6"
+
+
+def sample_names(policy: NamingPolicy) -> dict[str, str]:
+    """kind -> the name ``policy`` gives a typical run of that kind (version 1 where used).
+
+    A kind with a fallback pattern also gets ``"<kind> (fallback)"``, rendered from a spec
+    without the optional fields. Raises PolicyError when a name is invalid.
+    """
+    names: dict[str, str] = {}
+    for kind, extra in _PER_KIND.items():
+        spec = RunSpec(kind=kind, **{**_BASE, **extra})
+        names[kind.value] = policy.render(spec, version=1, run_id=SAMPLE_RUN_ID)
+        if policy.kinds[kind].fallback is not None:
+            bare = RunSpec(kind=kind, model=_BASE["model"], environment="local")
+            if policy.pattern_for(bare) == policy.kinds[kind].fallback:
+                names[f"{kind.value} (fallback)"] = policy.render(
+                    bare, version=1, run_id=SAMPLE_RUN_ID
+                )
+    return names
