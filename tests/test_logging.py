@@ -496,3 +496,18 @@ def test_warnings_as_errors_do_not_lose_data_in_the_worker(
         logger._channel.writer.close(delete=True)  # type: ignore[union-attr]
         assert logger.end(timeout=60)
     assert [s for s, _ in history(store, logger.run_id, "m")] == list(range(50))
+
+
+def test_unwritable_spool_warns_once_per_directory_not_per_run(
+    store: Store, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loggers = [new_logger(store, blocker / "spool") for _ in range(5)]
+    assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1
+    for logger in loggers:
+        logger.log_metric("m", 1.0)
+        assert logger.end(timeout=60)
+        assert store.get_run(logger.run_id).metrics == {"m": 1.0}

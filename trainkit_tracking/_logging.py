@@ -50,6 +50,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Keys seen valid, so the hot path pays one set lookup; bounded for keys made per step.
 _GOOD_KEYS: set[str] = set()
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
+_UNWRITABLE: set[Path] = set()  # spool dirs already warned about
+log = logging.getLogger(__name__)
 
 
 # Validation --------------------------------------------------------------------
@@ -70,7 +72,7 @@ def _warn(message: str) -> None:
     try:  # no caller outside the package: one of the worker's threads
         warnings.warn(message, TrackingWarning, stacklevel=2)
     except Exception:
-        logging.getLogger(__name__).warning("%s", message)
+        log.warning("%s", message)
 
 
 def check_key(key: Any, what: str) -> str:
@@ -203,14 +205,18 @@ class Channel:
             self.spool_failed(exc)
 
     def spool_failed(self, exc: OSError) -> None:
-        """Go on in memory only, with one warning per run."""
+        """Go on in memory only, with one warning per spool dir and process."""
         if self.spool_ok:
             self.spool_ok = False
-            _warn(
-                f"cannot write the tracking spool in {str(self.spool_dir)!r} ({exc}); logging "
-                f"to run {self.run_id} goes on in memory only, so what is unsent when the "
-                "process dies is lost. Set TRAINKIT_SPOOL_DIR to a writable directory."
-            )
+            if self.spool_dir in _UNWRITABLE:
+                log.debug("spool %s of run %s unwritable: %s", self.spool_dir, self.run_id, exc)
+            else:
+                _UNWRITABLE.add(self.spool_dir)
+                _warn(
+                    f"cannot write the tracking spool in {str(self.spool_dir)!r} ({exc}); "
+                    "logging goes on in memory only, so what is unsent when the process dies "
+                    "is lost. Set TRAINKIT_SPOOL_DIR to a writable directory."
+                )
         if self.writer is not None:
             with contextlib.suppress(OSError):
                 self.writer.close(delete=False)

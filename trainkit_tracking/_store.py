@@ -95,9 +95,15 @@ def claim_experiment_name(experiment_id: str, base_name: str, version: int) -> s
 class Store:
     """MlflowClient with explicit run ids, retries and error translation."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, *, attempts: int = 8) -> None:
+        """``attempts``: tries per call on transient errors; the logging worker passes 1
+        because it has its own backoff (and MLflow's HTTP client already retries)."""
         self.tracking_uri = tracking_uri
+        self.attempts = attempts
         self._client: MlflowClient | None = None
+
+    def _retry(self, call: Callable[[], T], *, what: str) -> T:
+        return retry(call, what=what, attempts=self.attempts)
 
     @property
     def client(self) -> MlflowClient:
@@ -112,7 +118,7 @@ class Store:
     def get_or_create_experiment(self, name: str) -> str:
         """Return the id of experiment ``name``, creating it; safe when processes race."""
         for _ in range(5):
-            experiment = retry(
+            experiment = self._retry(
                 lambda: self.client.get_experiment_by_name(name), what="get_experiment_by_name"
             )
             if experiment is not None:
@@ -124,7 +130,9 @@ class Store:
                 return str(experiment.experiment_id)
             try:
                 return str(
-                    retry(lambda: self.client.create_experiment(name), what="create_experiment")
+                    self._retry(
+                        lambda: self.client.create_experiment(name), what="create_experiment"
+                    )
                 )
             except Exception as exc:
                 if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
@@ -133,7 +141,9 @@ class Store:
         raise TrackingError(f"could not get or create experiment {name!r}")
 
     def experiment_name(self, experiment_id: str) -> str:
-        experiment = retry(lambda: self.client.get_experiment(experiment_id), what="get_experiment")
+        experiment = self._retry(
+            lambda: self.client.get_experiment(experiment_id), what="get_experiment"
+        )
         return str(experiment.name)
 
     def claim_version(self, experiment_id: str, base_name: str, start: int = 1) -> int:
@@ -150,7 +160,7 @@ class Store:
         while True:
             name = claim_experiment_name(experiment_id, base_name, version)
             try:
-                claim_id = retry(
+                claim_id = self._retry(
                     lambda n=name: self.client.create_experiment(n),  # type: ignore[misc]
                     what="claim version",
                 )
@@ -164,7 +174,7 @@ class Store:
 
     def _claimed(self, experiment_id: str, base_name: str, version: int) -> bool:
         name = claim_experiment_name(experiment_id, base_name, version)
-        found = retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
+        found = self._retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
         return found is not None
 
     def _first_free(self, experiment_id: str, base_name: str, low: int) -> int:
@@ -193,17 +203,17 @@ class Store:
     # Runs --------------------------------------------------------------------
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
-        run = retry(
+        run = self._retry(
             lambda: self.client.create_run(experiment_id, tags=dict(tags), run_name=run_name),
             what="create_run",
         )
         return _record(run)
 
     def rename_run(self, run_id: str, name: str) -> None:
-        retry(lambda: self.client.update_run(run_id, name=name), what="update_run")
+        self._retry(lambda: self.client.update_run(run_id, name=name), what="update_run")
 
     def set_status(self, run_id: str, status: str) -> None:
-        retry(lambda: self.client.update_run(run_id, status=status), what="update_run")
+        self._retry(lambda: self.client.update_run(run_id, status=status), what="update_run")
 
     def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
         from mlflow.entities import RunStatus
@@ -215,12 +225,12 @@ class Store:
         store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
         end = end_time or int(time.time() * 1000)
         if store is None or not hasattr(store, "update_run_info"):
-            retry(
+            self._retry(
                 lambda: self.client.set_terminated(run_id, status=status, end_time=end),
                 what="set_terminated",
             )
             return
-        retry(
+        self._retry(
             lambda: store.update_run_info(
                 run_id, run_status=RunStatus.from_string(status), end_time=end, run_name=None
             ),
@@ -228,7 +238,7 @@ class Store:
         )
 
     def get_run(self, run_id: str) -> RunRecord:
-        return _record(retry(lambda: self.client.get_run(run_id), what="get_run"))
+        return _record(self._retry(lambda: self.client.get_run(run_id), what="get_run"))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.log_batch(run_id, tags=tags)
@@ -269,7 +279,7 @@ class Store:
         seen = 0
         while True:
             page_size = 1000 if max_results is None else min(1000, max_results - seen)
-            page = retry(
+            page = self._retry(
                 lambda page_size=page_size, token=token: self.client.search_runs(  # type: ignore[misc]
                     list(experiment_ids),
                     filter_string=filter_string,
@@ -308,7 +318,7 @@ class Store:
         metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
         param_entities = [Param(k, v) for k, v in (params or {}).items()]
         tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()]
-        retry(
+        self._retry(
             lambda: self.client.log_batch(
                 run_id,
                 metrics=metric_entities,

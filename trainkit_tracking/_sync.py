@@ -163,7 +163,7 @@ class Sender:
     def __init__(self, worker: Worker, uri: str) -> None:
         self.worker = worker
         self.uri = uri
-        self.store = Store(uri)
+        self.store = Store(uri, attempts=1)  # the worker has its own backoff
         self.outbox: queue.SimpleQueue[tuple[Channel, Record | Barrier]] = queue.SimpleQueue()
         self.backing_off = False
         threading.Thread(target=self._loop, name="trainkit-sender", daemon=True).start()
@@ -413,27 +413,25 @@ def sync(
                         f"run {run_id}: not ended as {record['status']} because some of its "
                         "data was not stored"
                     )
-                    continue
-                reason = None if record["t"] != "a" else _artifact_problem(spool, record)
-                if reason is not None:
+                elif record["t"] == "a" and (reason := _artifact_problem(spool, record)):
                     report.dropped.append(f"run {run_id}: artifact {record['src']!r} {reason}")
                     if not dry_run:
                         append_line(spool.path, {"t": "x", "n": record["n"], "why": reason})
                         spool.done.add(record["n"])
-                elif not dry_run:
-                    store = stores.setdefault(uri, Store(uri))
+                elif dry_run:
+                    _count(report, record)
+                else:
                     try:
-                        send_record(store, run_id, record)
+                        send_record(stores.setdefault(uri, Store(uri)), run_id, record)
                     except Exception as exc:
                         failed = True
                         report.errors.append(f"run {run_id}: {_what(record)} not stored: {exc}")
                         if is_transient(exc):  # the store is down: try this run another time
                             break
-                        continue
-                    append_line(spool.path, {"t": "d", "n": record["n"]})
-                    spool.done.add(record["n"])
-                if reason is None:
-                    _count(report, record)
+                    else:
+                        append_line(spool.path, {"t": "d", "n": record["n"]})
+                        spool.done.add(record["n"])
+                        _count(report, record)
                 if progress is not None:
                     progress(done, total)
     finally:
