@@ -451,3 +451,29 @@ def test_final_training_without_fingerprints_uses_run_id_fallback(
     assert run.name == f"colab_bert_base_training_{run.id[:8]}"
     assert MlflowClient(trainkit_store.uri).get_run(run.id).info.run_name == run.name
     assert tags_of(trainkit_store.uri, run.id)["code.run_name"] == run.name
+
+
+def test_versions_stay_unique_after_mlflow_gc_purges_the_claims(
+    trainkit_store: TrainkitStore,
+) -> None:
+    spec = sweep_spec(study_name=None)
+    first = Tracker("exp")
+    names = [first.start_run(spec).name, first.start_run(spec).name]
+    for run in list(first._open):
+        run.end()
+    # `mlflow gc` permanently deletes soft-deleted experiments, version claims included.
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", trainkit_store.uri],
+        check=True,
+        capture_output=True,
+    )
+    claims = [
+        e.name
+        for e in MlflowClient(trainkit_store.uri).search_experiments(view_type=3)
+        if e.name.startswith(".trainkit-claims")
+    ]
+    assert claims == []
+    later = Tracker("exp")  # a new process would start with no cached numbers either
+    third = later.start_run(spec)
+    assert names[1].endswith("_2") and third.name.endswith("_3")
+    third.end()

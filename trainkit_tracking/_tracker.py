@@ -314,10 +314,7 @@ class Tracker:
         name = name_override or spec.run_name
         if name is None and self.policy.is_versioned(spec):
             base = self.policy.base_name(spec)
-            version = store.claim_version(
-                experiment_id, base, self._next_version.get((experiment_id, base), 1)
-            )
-            self._next_version[(experiment_id, base)] = version + 1
+            version = self._assign_version(experiment_id, base)
             name = self.policy.render(spec, version=version)
             tags = tags | {self.keys["base_name"]: base, self.keys["version"]: str(version)}
         elif name is None:
@@ -335,6 +332,28 @@ class Tracker:
             store.set_tags(record.run_id, {self.keys["run_name"]: final})
             record = store.get_run(record.run_id)
         return self._make_run(record, spec, owns_status=True)
+
+    def _assign_version(self, experiment_id: str, base: str) -> int:
+        """Claim the next version of ``base`` in the experiment (see docs/tracker.md)."""
+        key = (experiment_id, base)
+        cached = self._next_version.get(key)
+        version = self.store.claim_version(experiment_id, base, cached or 1)
+        if cached is None:
+            # Claims alone decide, unless an admin ran `mlflow gc`, which purges
+            # soft-deleted experiments, claims included. So the first time this process
+            # names a base, check that no live run already carries the number.
+            highest = self._highest_version(experiment_id, base)
+            if highest >= version:
+                version = self.store.claim_version(experiment_id, base, highest + 1)
+        self._next_version[key] = version + 1
+        return version
+
+    def _highest_version(self, experiment_id: str, base: str) -> int:
+        if "'" in base or "\\" in base:
+            return 0  # not expressible in a filter string; claims still hold
+        records = self.store.search([experiment_id], f"tags.`{self.keys['base_name']}` = '{base}'")
+        numbers = [r.tags.get(self.keys["version"], "") for r in records]
+        return max((int(n) for n in numbers if n.isdigit()), default=0)
 
     def _spec_tags(self, spec: RunSpec) -> TagSet:
         return TagSet.for_spec(
@@ -375,7 +394,7 @@ class Tracker:
             if name is None and self.policy.is_versioned(spec):
                 experiment_id = record.experiment_id
                 base = self.policy.base_name(spec)
-                version = store.claim_version(experiment_id, base)
+                version = self._assign_version(experiment_id, base)
                 name = self.policy.render(spec, version=version)
                 tags = tags | {keys["base_name"]: base, keys["version"]: str(version)}
             elif name is None:
