@@ -172,6 +172,29 @@ class Store:
             _hide_later(self, str(claim_id))
             return version
 
+    def claims_intact(self, experiment_id: str, version_tag: str) -> bool:
+        """Whether every version claim of the experiment is still in the store.
+
+        ``mlflow gc`` purges soft-deleted experiments, claims included. A sentinel claim,
+        made before the first version of the experiment was claimed, tells: when it is
+        gone but runs carry a version tag, claims were purged and the numbers of live
+        runs must be checked. One read per experiment and process.
+        """
+        name = f"{CLAIM_PREFIX}/{experiment_id}/sentinel"
+        found = self._retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
+        if found is not None:
+            return True
+        versioned = self.search(
+            [experiment_id], f"tags.`{version_tag}` LIKE '%'", max_results=1, include_deleted=True
+        )
+        try:
+            sentinel = self._retry(lambda: self.client.create_experiment(name), what="claim")
+            _hide_later(self, str(sentinel))
+        except Exception as exc:
+            if error_code(exc) != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc):
+                raise
+        return not versioned
+
     def _claimed(self, experiment_id: str, base_name: str, version: int) -> bool:
         name = claim_experiment_name(experiment_id, base_name, version)
         found = self._retry(lambda: self.client.get_experiment_by_name(name), what="read claim")

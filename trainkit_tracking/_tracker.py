@@ -89,6 +89,7 @@ class Tracker:
         self._open: weakref.WeakSet[Run] = weakref.WeakSet()
         self._atexit_registered = False
         self._next_version: dict[tuple[str, str], int] = {}  # a hint only: claims decide
+        self._intact: dict[str, bool] = {}  # per experiment: no `mlflow gc` purged claims
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Tracker:
@@ -338,15 +339,22 @@ class Tracker:
         key = (experiment_id, base)
         cached = self._next_version.get(key)
         version = self.store.claim_version(experiment_id, base, cached or 1)
-        if cached is None:
+        if cached is None and not self._claims_intact(experiment_id):
             # Claims alone decide, unless an admin ran `mlflow gc`, which purges
-            # soft-deleted experiments, claims included. So the first time this process
-            # names a base, check that no live run already carries the number.
+            # soft-deleted experiments, claims included. Then, the first time this
+            # process names a base, check that no live run already carries the number.
             highest = self._highest_version(experiment_id, base)
             if highest >= version:
                 version = self.store.claim_version(experiment_id, base, highest + 1)
         self._next_version[key] = version + 1
         return version
+
+    def _claims_intact(self, experiment_id: str) -> bool:
+        intact = self._intact.get(experiment_id)
+        if intact is None:
+            intact = self.store.claims_intact(experiment_id, self.keys["version"])
+            self._intact[experiment_id] = intact
+        return intact
 
     def _highest_version(self, experiment_id: str, base: str) -> int:
         if "'" in base or "\\" in base:
