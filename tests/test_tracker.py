@@ -477,3 +477,26 @@ def test_versions_stay_unique_after_mlflow_gc_purges_the_claims(
     third = later.start_run(spec)
     assert names[1].endswith("_2") and third.name.endswith("_3")
     third.end()
+
+
+def test_uncaught_error_ends_open_runs_failed(trainkit_store: TrainkitStore) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from trainkit_tracking import RunSpec, Tracker
+        run = Tracker("exp", sys.argv[1]).start_run(
+            RunSpec(kind="final_training", model="m", environment="local"))
+        run.log_metric("loss", 0.5, step=1)
+        print(run.id, flush=True)
+        raise RuntimeError("training crashed")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, trainkit_store.uri], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "RuntimeError: training crashed" in done.stderr  # the user's traceback is kept
+    run_id = done.stdout.strip()
+    assert status(trainkit_store.uri, run_id) == "FAILED"
+    history = MlflowClient(trainkit_store.uri).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5)]

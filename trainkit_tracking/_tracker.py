@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from trainkit_tracking import _azure, _env, _rank
@@ -442,6 +444,7 @@ class Tracker:
             if not self._atexit_registered:
                 # Registered after the logger's own exit hook, so it runs first (LIFO).
                 atexit.register(_end_open_runs, weakref.ref(self))
+                _watch_uncaught(self)
                 self._atexit_registered = True
         return run
 
@@ -596,10 +599,13 @@ class Tracker:
         )
         return records[0] if records else None
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """End every run this tracker still has open (FINISHED) and flush."""
+    def close(self, timeout: float | None = 10.0, *, status: str = "FINISHED") -> None:
+        """End every run this tracker still has open (default FINISHED) and flush."""
         for run in list(self._open):
-            run.end("FINISHED", timeout=timeout)
+            if status == "KILLED":
+                run._interrupted()
+            else:
+                run.end(status, timeout=timeout)
 
 
 def spec_identity_json(spec: RunSpec) -> str:
@@ -647,6 +653,33 @@ def _spec_from_tags(tags: Mapping[str, str], keys: TagKeys) -> RunSpec | None:
         return RunSpec(**fields)
     except Exception:
         return None
+
+
+_WATCHED: weakref.WeakSet[Tracker] = weakref.WeakSet()
+
+
+def _watch_uncaught(tracker: Tracker) -> None:
+    """End open runs FAILED (KILLED for Ctrl-C) when the program dies of an uncaught error.
+
+    sys.excepthook is Python's documented hook for this; ours calls the previous one.
+    Without it, the exit hook below would mark the runs of a crashed script FINISHED.
+    """
+    if not _WATCHED:
+        previous = sys.excepthook
+
+        def hook(
+            exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+        ) -> None:
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+            for watched in list(_WATCHED):
+                try:
+                    watched.close(timeout=10.0, status=status)
+                except Exception as error:  # never hide the user's traceback
+                    log.warning("could not end open runs after an uncaught error: %s", error)
+            previous(exc_type, exc, tb)
+
+        sys.excepthook = hook
+    _WATCHED.add(tracker)
 
 
 def _end_open_runs(ref: weakref.ref[Tracker]) -> None:
