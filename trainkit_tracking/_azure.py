@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib
 import re
-import threading
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, TypeVar
 
-from trainkit_tracking import _env
+from trainkit_tracking import _env, _timeout
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking.errors import TrackingError
 
@@ -105,28 +104,11 @@ def workspace_configured(
 
 
 def bounded(call: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Run ``call`` in a daemon thread; AzureUnavailable if it takes longer than ``timeout``.
-
-    Azure's credential chain and HTTP retries can wait about a minute on a network that
-    drops packets; the abandoned thread is a daemon, so it never holds up exit.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(call())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name=f"trainkit-azure-{what}", daemon=True)
-    thread.start()
-    thread.join(max(timeout, 0.0))
-    if thread.is_alive():
-        raise AzureUnavailable(f"{what} did not answer within {timeout:g} s", NETWORK_HINT)
-    if error:
-        raise error[0]
-    return result[0]
+    """Run ``call``; AzureUnavailable if it takes longer than ``timeout``."""
+    try:
+        return _timeout.bounded(call, timeout=timeout, what=what)
+    except TimeoutError as exc:
+        raise AzureUnavailable(str(exc), NETWORK_HINT) from exc
 
 
 def register_scheme() -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 import socket
 import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -88,30 +86,6 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
             return parse_duration(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-
-
-def bounded(call: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Run ``call`` in a daemon thread; raise TimeoutError when it takes longer than ``timeout``.
-
-    MLflow's HTTP client retries for minutes when a server is down; a CLI must answer.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(call())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name=f"trainkit-cli-{what}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"{what} did not answer within {timeout:g} s")
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def probe_tcp(uri: str, timeout: float) -> None:

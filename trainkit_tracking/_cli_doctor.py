@@ -15,7 +15,6 @@ from pathlib import Path
 from trainkit_tracking import _env
 from trainkit_tracking._cli_common import (
     SOURCE_LABELS,
-    bounded,
     describe,
     one_line,
     probe_tcp,
@@ -25,6 +24,7 @@ from trainkit_tracking._cli_common import (
 from trainkit_tracking._platform import detect_platform
 from trainkit_tracking._redact import redact
 from trainkit_tracking._store import Store
+from trainkit_tracking._timeout import bounded
 from trainkit_tracking._version import __version__
 
 AZURE_HINT = 'pip install "trainkit-tracking[azure]"'
