@@ -10,7 +10,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import click
@@ -18,8 +18,6 @@ import click
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._store import Store
 from trainkit_tracking.errors import TrackingError
-
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
