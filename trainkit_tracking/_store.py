@@ -181,18 +181,17 @@ class Store:
         runs must be checked. One read per experiment and process.
         """
         name = f"{CLAIM_PREFIX}/{experiment_id}/sentinel"
-        found = self._retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
-        if found is not None:
-            return True
+        try:
+            sentinel = self._retry(lambda: self.client.create_experiment(name), what="claim")
+        except Exception as exc:
+            if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
+                return True  # made earlier (by us or a racing process): claims intact
+            raise
+        _hide_later(self, str(sentinel))
+        # We made the sentinel: versioned runs that already exist mean claims were purged.
         versioned = self.search(
             [experiment_id], f"tags.`{version_tag}` LIKE '%'", max_results=1, include_deleted=True
         )
-        try:
-            sentinel = self._retry(lambda: self.client.create_experiment(name), what="claim")
-            _hide_later(self, str(sentinel))
-        except Exception as exc:
-            if error_code(exc) != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc):
-                raise
         return not versioned
 
     def _claimed(self, experiment_id: str, base_name: str, version: int) -> bool:

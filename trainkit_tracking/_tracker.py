@@ -340,8 +340,9 @@ class Tracker:
         """Claim the next version of ``base`` in the experiment (see docs/tracker.md)."""
         key = (experiment_id, base)
         cached = self._next_version.get(key)
+        intact = cached is not None or self._claims_intact(experiment_id)  # before claiming
         version = self.store.claim_version(experiment_id, base, cached or 1)
-        if cached is None and not self._claims_intact(experiment_id):
+        if not intact:
             # Claims alone decide, unless an admin ran `mlflow gc`, which purges
             # soft-deleted experiments, claims included. Then, the first time this
             # process names a base, check that no live run already carries the number.
