@@ -176,13 +176,8 @@ class TrackedStudy:
     ) -> None:
         if self._sweep is None or not self._owns_sweep:
             return
-        if exc is None:
-            self._sweep.end("FINISHED")
-        elif isinstance(exc, KeyboardInterrupt):
-            self._sweep.set_tags({self.tracker.keys["interrupted"]: "true"})
-            self._sweep.end("KILLED")
-        else:
-            self._sweep.end("FAILED")
+        # The Run's own exit maps the outcome to a status (FINISHED / FAILED / KILLED).
+        self._sweep.__exit__(exc_type, exc, tb)
 
     # Trials ------------------------------------------------------------------------
 
