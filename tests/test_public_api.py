@@ -16,6 +16,7 @@ EXPECTED_ALL = [
     "Run",
     "RunKind",
     "RunSpec",
+    "StoreUnavailableError",
     "TagKeyError",
     "TagKeys",
     "TagSet",

@@ -459,7 +459,7 @@ def test_versions_stay_unique_after_mlflow_gc_purges_the_claims(
     spec = sweep_spec(study_name=None)
     first = Tracker("exp")
     names = [first.start_run(spec).name, first.start_run(spec).name]
-    for run in list(first._open):
+    for run in first.open_runs():
         run.end()
     # `mlflow gc` permanently deletes soft-deleted experiments, version claims included.
     subprocess.run(

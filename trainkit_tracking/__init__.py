@@ -10,6 +10,7 @@ from trainkit_tracking._version import __version__
 from trainkit_tracking.errors import (
     ParamConflictError,
     PolicyError,
+    StoreUnavailableError,
     TagKeyError,
     TrackingError,
     TrackingWarning,
@@ -24,6 +25,7 @@ __all__ = [
     "Run",
     "RunKind",
     "RunSpec",
+    "StoreUnavailableError",
     "TagKeyError",
     "TagKeys",
     "TagSet",

@@ -9,14 +9,13 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 import click
 
 from trainkit_tracking._redact import redact_value
-from trainkit_tracking._store import Store
+from trainkit_tracking._store import Store, sqlite_path
 from trainkit_tracking.errors import TrackingError
 
 EXIT_OK = 0
@@ -96,14 +95,6 @@ def probe_tcp(uri: str, timeout: float) -> None:
         pass
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other schemes and in-memory)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
 @dataclass(frozen=True)
 class Resolved:
     """The tracking URI a command uses and where it came from."""
@@ -141,14 +132,16 @@ def resolve_uri(tracking_uri: str | None) -> Resolved:
     return Resolved(uri, source, tracker.fell_back_to_local, messages)
 
 
-def open_store(tracking_uri: str | None) -> tuple[Store, Resolved]:
-    """A Store for reading: resolved URI, a clear error when a local store does not exist."""
+def open_store(tracking_uri: str | None, timeout: float = 30.0) -> tuple[Store, Resolved]:
+    """A Store for reading: resolved URI, a clear error when a local store does not exist.
+
+    Every call of the store waits at most ``timeout`` seconds (``--timeout``)."""
     resolved = resolve_uri(tracking_uri)
     for message in resolved.warnings:
         click.echo(f"warning: {message}", err=True)
     if resolved.uri.startswith(("http://", "https://")):
         try:
-            probe_tcp(resolved.uri, 5.0)
+            probe_tcp(resolved.uri, min(timeout, 5.0))
         except OSError as exc:
             raise CliError(
                 f"the tracking store {resolved.shown} cannot be reached: {describe(exc)}; "
@@ -161,41 +154,35 @@ def open_store(tracking_uri: str | None) -> tuple[Store, Resolved]:
             f"no tracking store at {path} (from {source}): nothing has been tracked there "
             "yet; pass --tracking-uri or set MLFLOW_TRACKING_URI"
         )
-    return Store(resolved.uri), resolved
+    return Store(resolved.uri, timeout=timeout), resolved
 
 
 def find_experiment(store: Store, name_or_id: str) -> tuple[str, str]:
-    """(id, name) of the experiment named ``name_or_id`` (or with that id); CliError if none."""
-    client = store.client
-    experiment = client.get_experiment_by_name(name_or_id)
-    if experiment is None and name_or_id.isdigit():
-        try:
-            experiment = client.get_experiment(name_or_id)
-        except Exception:
-            experiment = None
+    """(id, name) of the experiment named ``name_or_id`` (or with that id); CliError if none.
+
+    Only a store that answered "no such experiment" gives "not found": a store that could
+    not be asked (network, credentials) is reported as such, by the caller's error path.
+    """
+    experiment = store.find_experiment(name_or_id)
     if experiment is None:
         raise CliError(
-            f"experiment {name_or_id!r} not found in {redact_value(store.tracking_uri)}; "
-            "check the name (or pass --tracking-uri for another store)"
+            f"experiment {name_or_id!r} does not exist (yet) in {store.shown_uri}; check the "
+            "name (or pass --tracking-uri for another store)"
         )
-    if experiment.lifecycle_stage == "deleted":
+    if experiment.deleted:
         raise CliError(
             f"experiment {name_or_id!r} is deleted; restore it with `mlflow experiments restore`"
         )
-    return str(experiment.experiment_id), str(experiment.name)
+    return experiment.experiment_id, experiment.name
 
 
 def all_experiments(store: Store) -> list[tuple[str, str]]:
     """(id, name) of every active experiment, without the SDK's hidden ``.trainkit*`` ones."""
-    found: list[tuple[str, str]] = []
-    token: str | None = None
-    while True:
-        page = store.client.search_experiments(max_results=1000, page_token=token)
-        found.extend((str(e.experiment_id), str(e.name)) for e in page)
-        token = page.token
-        if not token:
-            break
-    return [(i, n) for i, n in found if not n.startswith(HIDDEN_EXPERIMENT_PREFIX)]
+    return [
+        (e.experiment_id, e.name)
+        for e in store.list_experiments()
+        if not e.name.startswith(HIDDEN_EXPERIMENT_PREFIX)
+    ]
 
 
 class _NoBar:

@@ -19,12 +19,10 @@ from trainkit_tracking._cli_common import (
     one_line,
     probe_tcp,
     resolve_uri,
-    sqlite_path,
 )
 from trainkit_tracking._platform import detect_platform
 from trainkit_tracking._redact import redact
-from trainkit_tracking._store import Store
-from trainkit_tracking._timeout import bounded
+from trainkit_tracking._store import Store, sqlite_path
 from trainkit_tracking._version import __version__
 
 AZURE_HINT = 'pip install "trainkit-tracking[azure]"'
@@ -107,14 +105,10 @@ def _check_store(uri: str, experiment: str | None, timeout: float, report: Repor
                 "check that the server runs and the URI is right"
             )
             return
-    store = Store(uri)
+    store = Store(uri, timeout=timeout)
     started = time.monotonic()
     try:
-        bounded(
-            lambda: store.client.search_experiments(max_results=1),
-            timeout=timeout,
-            what="the tracking store",
-        )
+        store.ping()
     except Exception as exc:
         report.add("store", "does not answer")
         report.problems.append(
@@ -127,17 +121,14 @@ def _check_store(uri: str, experiment: str | None, timeout: float, report: Repor
 
 
 def _check_experiment(store: Store, name: str, timeout: float, report: Report) -> None:
-    client = store.client
     try:
-        found = bounded(
-            lambda: client.get_experiment_by_name(name), timeout=timeout, what="experiment lookup"
-        )
+        found = store.find_experiment(name)
     except Exception as exc:
         report.problems.append(f"could not look up experiment {name!r}: {describe(exc)}")
         return
     if found is None:
         report.add("experiment", f"{name} (not created yet; created on first use)")
-    elif found.lifecycle_stage == "deleted":
+    elif found.deleted:
         report.add("experiment", f"{name} (id {found.experiment_id}, deleted)")
         report.problems.append(
             f"experiment {name!r} is deleted: restore it with `mlflow experiments restore` "

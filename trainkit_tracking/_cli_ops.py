@@ -181,7 +181,10 @@ def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
         )
     if report.other_store:
         lines.append(f"skipped {plural(report.other_store, 'file')} of other tracking stores")
+    if report.other_experiment:
+        lines.append(f"skipped {plural(report.other_experiment, 'run')} of other experiments")
     lines += [f"warning: dropped {d}" for d in report.dropped]
+    lines += [f"warning: refused for good (never sent again): {r}" for r in report.refused]
     lines += [f"error: {e}" for e in report.errors]
     if report.pending:
         lines.append(f"{plural(report.pending, 'record')} still pending")

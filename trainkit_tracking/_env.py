@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
+from trainkit_tracking.errors import TrackingError
+
 # MLflow's own variables.
 MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 MLFLOW_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"
@@ -22,6 +27,8 @@ TRAINKIT_PARENT_RUN_ID = "TRAINKIT_PARENT_RUN_ID"
 TRAINKIT_RUN_SPEC = "TRAINKIT_RUN_SPEC"
 TRAINKIT_SPOOL_DIR = "TRAINKIT_SPOOL_DIR"
 TRAINKIT_PROJECT = "TRAINKIT_PROJECT"
+TRAINKIT_TIMEOUT = "TRAINKIT_TIMEOUT"
+TRAINKIT_EXIT_TIMEOUT = "TRAINKIT_EXIT_TIMEOUT"
 
 # Variables removed from a subprocess environment before ours are added.
 STALE_HANDOVER = (
@@ -52,3 +59,44 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 
 # Distributed rank, in order of precedence after torch.distributed.
 RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "LOCAL_RANK")
+
+# Distributed world (validated where read, like the ranks).
+WORLD_SIZE = "WORLD_SIZE"
+
+
+def read_int(environ: Mapping[str, str], name: str, *, minimum: int = 0) -> int | None:
+    """``environ[name]`` as an int >= ``minimum``; None when unset or empty.
+
+    A malformed value is a TrackingError naming the variable and its value: a silently
+    ignored ``RANK=O`` would make every DDP rank think it is rank 0.
+    """
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise TrackingError(
+            f"environment variable {name}={raw!r} must be a whole number >= {minimum}; fix or "
+            "unset it"
+        )
+    return value
+
+
+def read_seconds(environ: Mapping[str, str], name: str) -> float | None:
+    """``environ[name]`` as a number of seconds > 0; None when unset or empty."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise TrackingError(
+            f"environment variable {name}={raw!r} must be a number of seconds > 0 (e.g. 30); "
+            "fix or unset it"
+        )
+    return value

@@ -7,38 +7,28 @@ worker (``_sync.py``) spools, batches and sends it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import operator
 import os
 import posixpath
 import re
 import secrets
-import sys
+import signal
 import tempfile
 import threading
 import time
-import warnings
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trainkit_tracking._redact import redact
-from trainkit_tracking._spool import (
-    BLOB_DIR,
-    Point,
-    Record,
-    SpoolWriter,
-    default_spool_dir,
-    make_batches,
-)
-from trainkit_tracking._sync import Barrier, SyncReport, Worker, get_worker, pending, sync
-from trainkit_tracking.errors import ParamConflictError, TrackingWarning
+from trainkit_tracking._redact import get_logger, redact, redact_value
+from trainkit_tracking._spool import BLOB_DIR, default_spool_dir
+from trainkit_tracking._sync import SyncReport, pending, sync
+from trainkit_tracking._worker import Barrier, Channel, Worker, get_worker
+from trainkit_tracking.errors import ParamConflictError, warn
 
-__all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync"]
+__all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
 
 MAX_KEY = 250
 MAX_PARAM_VALUE = 6000
@@ -50,29 +40,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Keys seen valid, so the hot path pays one set lookup; bounded for keys made per step.
 _GOOD_KEYS: set[str] = set()
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
-_UNWRITABLE: set[Path] = set()  # spool dirs already warned about
-log = logging.getLogger(__name__)
+# Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
+MAX_PARAM_DEPTH = 64
+log = get_logger(__name__)
 
 
 # Validation --------------------------------------------------------------------
-
-
-def _warn(message: str) -> None:
-    """A TrackingWarning attributed to the first caller outside this package.
-
-    In the worker's threads a warnings filter set to "error" must not lose data: the
-    warning then becomes a log record.
-    """
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    if frame is not None and frame.f_code.co_filename != threading.__file__:
-        warnings.warn(message, TrackingWarning, stacklevel=level)
-        return
-    try:  # no caller outside the package: one of the worker's threads
-        warnings.warn(message, TrackingWarning, stacklevel=2)
-    except Exception:
-        log.warning("%s", message)
 
 
 def check_key(key: Any, what: str) -> str:
@@ -120,22 +93,54 @@ def check_step(step: Any) -> int:
     raise ValueError(f"step must be an int >= 0, got {step!r}")
 
 
-def flatten(params: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``; an empty nested mapping is kept as ``{}``."""
+def flatten(params: Mapping[Any, Any]) -> dict[str, Any]:
+    """``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``; an empty nested mapping is kept as ``{}``.
+
+    Iterative, with a depth limit: a mapping nested deeper than ``MAX_PARAM_DEPTH`` (or
+    one that contains itself) is a ValueError, never a RecursionError.
+    """
     flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
+    stack: list[tuple[str, Mapping[Any, Any], int]] = [("", params, 1)]
+    while stack:
+        prefix, mapping, depth = stack.pop()
+        if depth > MAX_PARAM_DEPTH:
+            raise ValueError(
+                f"params nested more than {MAX_PARAM_DEPTH} levels deep under {prefix[:200]!r} "
+                "(a mapping that contains itself?); log a flatter dict, or the object with log_dict"
+            )
+        nested = []
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                nested.append((name + ".", value, depth + 1))
+            else:
+                flat[name] = value
+        stack.extend(reversed(nested))
     return flat
+
+
+def storable(what: str, key: str, text: str) -> str:
+    """``text`` as the store can keep it: lone surrogates (``os.fsdecode`` of bytes that are
+    not UTF-8) would be refused by every backend, so they are escaped, with a warning."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            escaped = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        warn(
+            f"{what} {key!r}: the value is not valid text (undecodable bytes, e.g. from a file "
+            f"name); it is stored as {escaped[:200]!r}"
+        )
+        return escaped
+    return text
 
 
 def _cut(what: str, key: str, value: str, limit: int) -> str:
     if len(value) <= limit:
         return value
-    _warn(
+    warn(
         f"{what} {key!r} is {len(value)} characters long; MLflow keeps at most {limit}, so it "
         f"is cut to {limit} (ending in '...'). Log long text with log_dict or log_artifact."
     )
@@ -157,98 +162,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# The queue ---------------------------------------------------------------------
-#
-# A run's queue holds metric points as (key, value, timestamp_ms, step) tuples,
-# ("p", params) and ("g", tags) pairs, artifact and end records (dicts, as spooled),
-# and flush barriers.
-
-
-class Channel:
-    """The transport of one run in one process: call-site queue -> spool -> store."""
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        run_id: str,
-        spool_dir: Path,
-        *,
-        flush_interval: float,
-        heartbeat_interval: float,
-        heartbeat_tag: str,
-        heartbeat: bool,
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.spool_dir = spool_dir
-        self.flush_interval = flush_interval
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_tag = heartbeat_tag
-        self.heartbeat_on = heartbeat and heartbeat_interval > 0
-        # The Tracker sets the first heartbeat when it creates the run.
-        self.next_heartbeat = time.monotonic() + heartbeat_interval
-        self.queue: deque[Any] = deque()
-        self.lock = threading.Lock()
-        self.pid = os.getpid()
-        self.ended = False
-        self.failed = 0  # records the store refused: kept in the spool for `sync`
-        self.outstanding = 0  # records handed to the sender and not settled yet
-        self.spool_ok = True
-        self.writer: SpoolWriter | None = None
-        self._seq = 0
-        self.open_writer()
-
-    def open_writer(self) -> None:
-        try:
-            self.writer = SpoolWriter(self.spool_dir, self.tracking_uri, self.run_id)
-        except OSError as exc:
-            self.spool_failed(exc)
-
-    def spool_failed(self, exc: OSError) -> None:
-        """Go on in memory only, with one warning per spool dir and process."""
-        if self.spool_ok:
-            self.spool_ok = False
-            if self.spool_dir in _UNWRITABLE:
-                log.debug("spool %s of run %s unwritable: %s", self.spool_dir, self.run_id, exc)
-            else:
-                _UNWRITABLE.add(self.spool_dir)
-                _warn(
-                    f"cannot write the tracking spool in {str(self.spool_dir)!r} ({exc}); "
-                    "logging goes on in memory only, so what is unsent when the process dies "
-                    "is lost. Set TRAINKIT_SPOOL_DIR to a writable directory."
-                )
-        if self.writer is not None:
-            with contextlib.suppress(OSError):
-                self.writer.close(delete=False)
-            self.writer = None
-
-    def collect(self) -> list[Record | Barrier]:
-        """Drain the queue into numbered records (data, artifacts, end), then the barriers."""
-        points: list[Point] = []
-        params: dict[str, str] = {}
-        tags: dict[str, str] = {}
-        tail: list[Record] = []
-        barriers: list[Record | Barrier] = []
-        q = self.queue
-        for _ in range(len(q)):
-            item = q.popleft()
-            if type(item) is tuple:
-                if len(item) == 4:
-                    points.append(item)
-                else:
-                    (params if item[0] == "p" else tags).update(item[1])
-            elif type(item) is dict:
-                tail.append(item)
-            else:
-                barriers.append(item)
-        # The end goes last: a run is terminated after everything logged to it.
-        records = make_batches(points, params, tags) + sorted(tail, key=lambda r: r["t"] == "e")
-        for record in records:
-            self._seq += 1
-            record["n"] = self._seq
-        return [*records, *barriers]
-
-
 # The logger --------------------------------------------------------------------
 
 
@@ -265,6 +178,7 @@ class RunLogger:
         known_params: Mapping[str, str] | None = None,
         heartbeat_interval: float = 30.0,
         heartbeat_tag: str = "code.heartbeat",
+        timeout: float = 30.0,
     ) -> None:
         if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
@@ -274,6 +188,7 @@ class RunLogger:
         self._flush_interval = float(flush_interval)
         self._heartbeat_interval = float(heartbeat_interval)
         self._heartbeat_tag = heartbeat_tag
+        self._timeout = float(timeout)
         self._params: dict[str, str] = dict(known_params or {})
         self._lock = threading.Lock()
         self._ended = False
@@ -292,6 +207,7 @@ class RunLogger:
             heartbeat_interval=self._heartbeat_interval,
             heartbeat_tag=self._heartbeat_tag,
             heartbeat=heartbeat,
+            timeout=self._timeout,
         )
         self._worker = get_worker()
         self._worker.register(channel)
@@ -302,15 +218,18 @@ class RunLogger:
         if self._forked:
             self._forked = False
             self._channel = self._new_channel(heartbeat=False)  # the parent keeps the beat
+            _flush_at_child_exit(self)
         if self._ended:
             if not self._warned_after_end:
                 self._warned_after_end = True
-                _warn(f"run {self.run_id} was ended; what is logged to it now is still sent")
+                warn(f"run {self.run_id} was ended; what is logged to it now is still sent")
             self._worker.register(self._channel)
         return self._channel
 
     def __repr__(self) -> str:
-        return f"RunLogger(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
+        return (
+            f"RunLogger(run_id={self.run_id!r}, tracking_uri={redact_value(self.tracking_uri)!r})"
+        )
 
     # Logging -------------------------------------------------------------------
 
@@ -343,7 +262,7 @@ class RunLogger:
         prepared: dict[str, str] = {}
         for key, value in flatten(params).items():
             check_key(key, "param")
-            text = "{}" if isinstance(value, Mapping) else str(value)
+            text = storable("param", key, "{}" if isinstance(value, Mapping) else str(value))
             prepared[key] = _cut("param", key, redact(key, text), MAX_PARAM_VALUE)
         with self._lock:
             for key, text in prepared.items():
@@ -352,7 +271,11 @@ class RunLogger:
                     raise ParamConflictError(
                         f"param {key!r} of run {self.run_id} is already {old!r}; it cannot "
                         f"become {text!r} (MLflow params never change). Log the new value "
-                        "under another key, or as a metric or tag"
+                        "under another key, or as a metric or tag",
+                        key=key,
+                        old=old,
+                        new=text,
+                        run_id=self.run_id,
                     )
             new = {k: v for k, v in prepared.items() if self._params.get(k) != v}
             self._params.update(new)
@@ -367,6 +290,7 @@ class RunLogger:
         for key, value in tags.items():
             check_key(key, "tag")
             text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            text = storable("tag", key, text)
             prepared[key] = _cut("tag", key, redact(key, text), MAX_TAG_VALUE)
         if prepared:
             channel = self._channel if not (self._forked or self._ended) else self._slow_path()
@@ -429,7 +353,9 @@ class RunLogger:
 
     # Lifecycle -----------------------------------------------------------------
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(
+        self, timeout: float | None = None, *, ending: bool = False, spooled_only: bool = False
+    ) -> bool:
         """Wait until everything logged so far is stored; False on timeout or a refused record.
 
         Nothing is dropped on a timeout: the rest stays queued and spooled.
@@ -439,7 +365,9 @@ class RunLogger:
         channel.queue.append(barrier)
         self._worker.register(channel)
         self._worker.kick()
-        return barrier.event.wait(timeout) and barrier.ok
+        if spooled_only:  # on disk (or in memory, when the spool is not writable) is enough
+            return barrier.spooled.wait(timeout)
+        return self._worker.wait(channel, barrier, timeout, ending=ending)
 
     def end(self, status: str | None = "FINISHED", timeout: float | None = None) -> bool:
         """Terminate the run with ``status`` after all its data, stop the heartbeat, flush.
@@ -448,23 +376,81 @@ class RunLogger:
         spooled like the data, so `sync` finishes the run later if the store is down now.
         Idempotent: a second call only flushes.
         """
+        self.end_nowait(status)
+        return self.flush(timeout, ending=True)
+
+    def end_nowait(
+        self, status: str | None, *, override: bool = False, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """Queue the termination (after everything logged so far) without waiting.
+
+        ``override``: the run was already ended, but the process is dying of an interrupt
+        while it waited: a second end record with this status goes after the first.
+        ``tags`` (e.g. ``code.interrupted``) are sent just before the end.
+        """
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)} or None, got {status!r}")
         channel = self._channel if not self._forked else self._slow_path()
         with self._lock:
             first, self._ended = not self._ended, True
-        if first:
+        if first or override:
             channel.heartbeat_on = False
+            if tags:
+                channel.queue.append(("g", dict(tags)))
             if status is not None:
                 channel.queue.append({"t": "e", "status": status, "end": _now_ms()})
             channel.ended = True
-        return self.flush(timeout)
+            self._worker.register(channel)
+            self._worker.kick()
 
 
 def _after_fork_in_child() -> None:
     # The child has no worker thread and must not write into the parent's spool file.
     for logger in list(_LIVE):
         logger._forked = True
+
+
+def _flush_at_child_exit(logger: RunLogger) -> None:
+    """Send a forked child's points when it ends, although it leaves with ``os._exit``.
+
+    multiprocessing children (Pool workers, DataLoader workers) run multiprocessing's
+    finalizers before ``os._exit``: ours flushes there. Without multiprocessing, atexit
+    covers a child that returns normally; one that calls ``os._exit`` itself must call
+    ``run.flush()`` first (docs/logging.md).
+    """
+    import multiprocessing
+    import multiprocessing.util
+
+    if "PoolWorker" in multiprocessing.current_process().name:
+        warn(
+            f"a multiprocessing Pool worker logs into run {logger.run_id}: call run.flush() "
+            "at the end of each task, since Pool.terminate() (what `with Pool()` does on "
+            "exit) kills workers with what they have not flushed; pool.close() and "
+            "pool.join() lose nothing"
+        )
+
+    def final() -> None:
+        # First onto disk, with SIGTERM held back: Pool.terminate() signals workers that
+        # are still in this finalizer, and what reached the spool survives the signal.
+        blocked = hasattr(signal, "pthread_sigmask")
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            logger.flush(logger._timeout, spooled_only=True)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if not logger.flush(logger._timeout, ending=True):
+            log.warning(
+                "a forked child of run %s could not store everything before it ended; the "
+                "rest is in the spool: send it with `trainkit-tracking sync`",
+                logger.run_id,
+            )
+
+    multiprocessing.util.Finalize(logger, final, exitpriority=100)
+    import atexit
+
+    atexit.register(final)
 
 
 if hasattr(os, "register_at_fork"):

@@ -33,12 +33,9 @@ def current_rank(environ: Mapping[str, str]) -> int:
     if dist is not None:
         return int(dist.get_rank())
     for name in _env.RANK_VARS:
-        value = environ.get(name, "").strip()
-        if value:
-            try:
-                return int(value)
-            except ValueError:
-                continue
+        value = _env.read_int(environ, name)  # a malformed rank is an error, never skipped
+        if value is not None:
+            return value
     return 0
 
 

@@ -5,9 +5,10 @@ Tags, params, run names, log lines and ``doctor`` output all pass through :func:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import re
-from collections.abc import Mapping
-from typing import Any
 
 MASK = "***"
 
@@ -41,18 +42,30 @@ _AUTH_HEADERS = frozenset({"authorization", "proxy-authorization"})
 
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#@]*(?:@[^/\s?#@]*)*@")
 _BEARER = re.compile(r"\b(?P<word>bearer)[ \t]+[^\s\"',;]+", re.IGNORECASE)
+# HTTP basic credentials: "Basic <base64 of user:password>" (checked by decoding).
+_BASIC = re.compile(
+    r"\b(?P<word>basic)[ \t]+(?P<b64>[A-Za-z0-9+/]{4,}={0,2})(?![\w+/=])", re.IGNORECASE
+)
+# A command-line flag with a secret name and its value as the next word: --password X.
+_FLAG_VALUE = re.compile(
+    r"(?<![\w\-])(?P<flag>--?(?P<name>[A-Za-z][\w.\-]*))(?P<sep>[ \t]+)(?P<value>[^\s\-\"'][^\s\"']*|\"[^\"]*\"|'[^']*')"
+)
 _KEY_SEP = re.compile(
     r"(?<![\w.])(?P<q>[\"']?)(?P<name>[A-Za-z_][\w.\-]*)(?P=q)(?P<sep>[ \t]*[:=][ \t]*)"
 )
 _PLAIN_VALUE = re.compile(r"[^\s\"'&;,}#]+")
 _LINE_VALUE = re.compile(r"[^\r\n\"']+")
 # Credentials recognisable by their shape alone, whatever key they sit under.
+# Credentials recognisable by their shape alone, whatever key they sit under; '_' counts
+# as a separator (names join parts with it: local_hf_xxx_hpo...).
 _KNOWN_TOKENS = re.compile(
-    r"\bhf_[A-Za-z0-9]{30,}\b"
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"
-    r"|\bgithub_pat_[A-Za-z0-9_]{40,}\b"
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
-    r"|\bsk-[A-Za-z0-9_\-]{32,}\b"
+    r"(?<![A-Za-z0-9])(?:"
+    r"hf_[A-Za-z0-9]{30,}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}"
+    r"|github_pat_[A-Za-z0-9_]{40,}"
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|sk-[A-Za-z0-9_\-]{32,}"
+    r")(?![A-Za-z0-9])"
     r"|\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)",
     re.DOTALL,
@@ -139,8 +152,24 @@ def redact_value(value: str) -> str:
     """
     text = _URL_USERINFO.sub(lambda m: m["scheme"] + MASK + "@", value)
     text = _BEARER.sub(lambda m: m["word"] + " " + MASK, text)
+    text = _BASIC.sub(_mask_basic, text)
+    text = _FLAG_VALUE.sub(_mask_flag, text)
     text = _KNOWN_TOKENS.sub(MASK, text)
     return _mask_key_values(text)
+
+
+def _mask_basic(match: re.Match[str]) -> str:
+    try:
+        decoded = base64.b64decode(match["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        return match[0]
+    return f"{match['word']} {MASK}" if b":" in decoded else match[0]
+
+
+def _mask_flag(match: re.Match[str]) -> str:
+    if not is_secret_key(match["name"]) or match["value"] == MASK:
+        return match[0]
+    return f"{match['flag']}{match['sep']}{MASK}"
 
 
 def redact(key: str, value: str) -> str:
@@ -150,9 +179,32 @@ def redact(key: str, value: str) -> str:
     return redact_value(value)
 
 
-def redact_mapping(mapping: Mapping[str, Any]) -> dict[str, str]:
-    """Redact every item of ``mapping``; values that are not ``str`` are converted with ``str``."""
-    return {
-        key: redact(key, value if isinstance(value, str) else str(value))
-        for key, value in mapping.items()
-    }
+class RedactingFilter(logging.Filter):
+    """Masks credentials in a record's message and traceback before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_value(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info:
+            formatted = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact_value(formatted), None
+        elif record.exc_text:
+            record.exc_text = redact_value(record.exc_text)
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """``logging.getLogger(name)`` with credential masking on every record it emits.
+
+    A logger's filters see only its own records, so each module of the package takes its
+    logger from here.
+    """
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    return logger

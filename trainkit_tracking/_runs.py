@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import threading
 from collections.abc import Mapping
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from trainkit_tracking import _env
-from trainkit_tracking._store import TERMINAL_STATUSES
+from trainkit_tracking import _env, _exit
+from trainkit_tracking._handover import clean_env
+from trainkit_tracking._redact import get_logger
 from trainkit_tracking.errors import TrackingError
 from trainkit_tracking.models import RunKind, RunSpec
 
@@ -19,29 +18,10 @@ if TYPE_CHECKING:
     from trainkit_tracking._logging import RunLogger
     from trainkit_tracking._tracker import Tracker
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread by the SIGTERM handler a ``with run:`` block installs."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
-def clean_env(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` without stale run handover variables (ours and the seed pipeline's)."""
-    return {
-        key: value
-        for key, value in base.items()
-        if key not in _env.STALE_HANDOVER and not key.startswith(_env.TRAINKIT_PREFIX)
-    }
+Terminated = _exit.Terminated  # raised in the main thread on SIGTERM while runs are open
 
 
 class Run:
@@ -64,6 +44,7 @@ class Run:
         experiment_id: str,
         logger: RunLogger,
         owns_status: bool,
+        spec_problem: str | None = None,
     ) -> None:
         self._tracker = tracker
         self._id = run_id
@@ -73,9 +54,9 @@ class Run:
         self._experiment_id = experiment_id
         self._logger = logger
         self._owns_status = owns_status
+        self._spec_problem = spec_problem
         self._ended = False
         self._lock = threading.Lock()
-        self._previous_sigterm: Any = None
 
     # Identity ------------------------------------------------------------------
 
@@ -105,6 +86,10 @@ class Run:
         return self._tracker.run_url(self._experiment_id, self._id)
 
     @property
+    def _uri(self) -> str:
+        return self._logger.tracking_uri
+
+    @property
     def ended(self) -> bool:
         return self._ended
 
@@ -116,9 +101,11 @@ class Run:
     def child(self, kind: RunKind | str, **spec_changes: Any) -> Run:
         """Create a child run (same experiment, ``mlflow.parentRunId`` = this run)."""
         if self._spec is None:
+            why = f" ({self._spec_problem})" if self._spec_problem else ""
             raise TrackingError(
-                f"run {self._id!r} was joined without a RunSpec; start the child with "
-                "tracker.start_run(spec, parent=run) and a full spec"
+                f"run {self._id!r} was joined, and its spec cannot be rebuilt from its "
+                f"tags{why}; start the child with tracker.start_run(spec, parent=run) and a "
+                "full spec"
             )
         return self._tracker.start_run(self._spec.child(kind, **spec_changes), parent=self)
 
@@ -156,33 +143,41 @@ class Run:
     def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
         """End the run with ``status``; idempotent. A joined run is only flushed.
 
-        Returns whether everything was stored within ``timeout`` (what was not stays
-        spooled and is sent by the worker or by ``trainkit-tracking sync``).
+        Waits at most ``timeout`` (default: the Tracker's ``exit_timeout``) and returns
+        whether everything was stored by then; what was not, the end status included,
+        stays spooled and is sent by the worker or by ``trainkit-tracking sync``. Ctrl-C
+        while it waits ends the run KILLED instead.
         """
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
+        if not self._end_nowait(status):
+            return True
+        wait = self._tracker.exit_timeout if timeout is None else timeout
+        try:
+            return self._logger.flush(wait, ending=True)
+        except KeyboardInterrupt:
+            if self._owns_status and status != "KILLED":
+                self._logger.end_nowait(
+                    "KILLED", override=True, tags={self._tracker.keys["interrupted"]: "true"}
+                )
+            raise
+
+    def _end_nowait(self, status: str) -> bool:
+        """Queue the end (KILLED: with ``code.interrupted=true``); False if already ended."""
         with self._lock:
             if self._ended:
-                return True
+                return False
             self._ended = True
-        self._tracker._forget(self)
+        _exit.release(self)
         if not self._owns_status:
-            return self._logger.end(None, timeout)
-        return self._logger.end(status, timeout)
-
-    def _interrupted(self) -> None:
-        self._logger.set_tags({self._tracker.keys["interrupted"]: "true"})
-        self.end("KILLED")
+            self._logger.end_nowait(None)
+        elif status == "KILLED":
+            self._logger.end_nowait(status, tags={self._tracker.keys["interrupted"]: "true"})
+        else:
+            self._logger.end_nowait(status)
+        return True
 
     def __enter__(self) -> Run:
-        if threading.current_thread() is threading.main_thread():
-            try:
-                current = signal.getsignal(signal.SIGTERM)
-                if current in (signal.SIG_DFL, None):
-                    self._previous_sigterm = current
-                    signal.signal(signal.SIGTERM, _raise_terminated)
-            except (ValueError, OSError):  # not allowed here (embedded interpreter)
-                self._previous_sigterm = None
         return self
 
     def __exit__(
@@ -191,16 +186,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
         try:
-            if exc is None:
-                self.end("FINISHED")
-            elif isinstance(exc, (KeyboardInterrupt, Terminated)):
-                self._interrupted()
-            else:
-                self.end("FAILED")
+            self.end(_exit.exit_status(exc))
         except Exception as end_error:  # never mask the user's exception or kill training
             log.warning("could not end run %s: %s", self._id, end_error)
 
@@ -241,9 +228,9 @@ class NoopRun(Run):
         self._parent_id = None
         self._experiment_id = ""
         self._owns_status = False
+        self._spec_problem = None
         self._ended = False
         self._lock = threading.Lock()
-        self._previous_sigterm = None
 
     @property
     def url(self) -> str | None:
@@ -286,6 +273,10 @@ class NoopRun(Run):
         self._ended = True
         return True
 
+    def _end_nowait(self, status: str) -> bool:
+        self._ended = True
+        return False
+
     def __enter__(self) -> Run:
         return self
 
@@ -301,7 +292,3 @@ class NoopRun(Run):
         self, base: Mapping[str, str] | None = None, *, child: RunSpec | None = None
     ) -> dict[str, str]:
         return clean_env(os.environ if base is None else base)
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL_STATUSES

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainkit_tracking import _env
+from trainkit_tracking._redact import redact_value
 
 if TYPE_CHECKING:
     from trainkit_tracking._store import Store
@@ -108,6 +109,7 @@ class SpoolWriter:
         self._path: Path | None = None
         self._size = 0
         self._pending: set[int] = set()
+        self._unwritten: list[bytes] = []  # done/refused marks a full disk refused, retried
         self._dirty = False
         self.closed = False
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -130,7 +132,9 @@ class SpoolWriter:
             header = {
                 "t": "h",
                 "v": FORMAT_VERSION,
-                "uri": self.tracking_uri,
+                # Credentials never go to disk: `sync` matches the store by uri_id.
+                "uri": redact_value(self.tracking_uri),
+                "uri_id": uri_id(self.tracking_uri),
                 "run": self.run_id,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -176,15 +180,32 @@ class SpoolWriter:
 
     def mark_done(self, seq: int) -> None:
         """Record that the store acknowledged ``seq``; rotate when the segment is all done."""
+        self._mark(seq, {"t": "d", "n": seq})
+
+    def mark_refused(self, seq: int, reasons: Sequence[str]) -> None:
+        """Record that the store refused (part of) ``seq`` for good: ``sync`` skips it."""
+        self._mark(seq, {"t": "r", "n": seq, "why": [redact_value(r) for r in reasons]})
+
+    def _mark(self, seq: int, record: Record) -> None:
         with self._lock:
             self._pending.discard(seq)
             if self._fd is None:
                 return
-            data = _line({"t": "d", "n": seq})
+            # On a full disk the write raises and the mark stays in _unwritten: written with
+            # the next mark, or moot once the file is deleted with everything settled.
+            self._unwritten.append(_line(record))
+            data = b"".join(self._unwritten)
             _write_all(self._fd, data)
+            self._unwritten.clear()
             self._size += len(data)
             if not self._pending and self._size > ROTATE_BYTES:
                 self._drop_segment()
+
+    @property
+    def settled(self) -> bool:
+        """Whether every record appended was acknowledged or refused."""
+        with self._lock:
+            return not self._pending
 
     def _drop_segment(self) -> None:
         assert self._fd is not None and self._path is not None
@@ -194,20 +215,26 @@ class SpoolWriter:
         self._fd, self._path, self._size = None, None, 0
 
     def close(self, *, delete: bool) -> None:
-        """Release the lock; delete the file when everything in it was acknowledged."""
+        """Release the lock; delete the file when ``delete`` or when everything in it was
+        settled (then nothing in it is for ``sync``, even if a full disk kept its marks)."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
             if self._fd is None:
                 return
-            if delete:
+            if delete or not self._pending:
                 self._drop_segment()
             else:
                 with contextlib.suppress(OSError):
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+
+
+def uri_id(tracking_uri: str) -> str:
+    """A stable id of a tracking URI, credentials included, that reveals none of it."""
+    return hashlib.sha256(tracking_uri.encode("utf-8")).hexdigest()[:16]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -228,11 +255,14 @@ class SpoolFile:
     """What one spool file holds: its header and its records, done or not."""
 
     path: Path
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # credentials masked
+    uri_id: str | None = None  # uri_id() of the real URI (files written since 0.2)
     run_id: str | None = None
+    started: int = 0  # header timestamp: orders the files of one run
     records: dict[int, Record] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
     checksums: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, list[str]] = field(default_factory=dict)
     corrupt_lines: int = 0
 
     @property
@@ -264,11 +294,16 @@ def read_spool(path: Path) -> SpoolFile:
             kind = record.get("t")
             if kind == "h":
                 spool.tracking_uri = record.get("uri")
+                spool.uri_id = record.get("uri_id")
                 spool.run_id = record.get("run")
+                spool.started = int(record.get("ts") or 0)
             elif kind in ("b", "a", "e"):
                 spool.records[int(record["n"])] = record
             elif kind in ("d", "x"):
                 spool.done.add(int(record["n"]))
+            elif kind == "r":
+                spool.done.add(int(record["n"]))
+                spool.refused[int(record["n"])] = [str(w) for w in record.get("why", ())]
             elif kind == "s":
                 spool.checksums[int(record["n"])] = str(record["sha256"])
     return spool
@@ -365,17 +400,21 @@ def remove_blob(src: str) -> None:
 # Sending -----------------------------------------------------------------------
 
 
-def send_record(store: Store, run_id: str, record: Record) -> None:
-    """Send one spooled record; raises what the store raised. Safe to repeat."""
+def send_record(
+    store: Store, run_id: str, record: Record, *, skip_tags: frozenset[str] = frozenset()
+) -> list[str]:
+    """Send one spooled record; returns what the store refused for good (empty: all stored).
+
+    Raises what the store raised when it is transient (retry later). Safe to repeat.
+    ``skip_tags``: tags a later record sets again (a re-sent one must not revert them).
+    """
     kind = record["t"]
     if kind == "b":
-        store.log_batch(
-            run_id,
-            metrics=[(k, v, ts, step) for k, v, ts, step in record.get("m", ())],
-            params=record.get("p"),
-            tags=record.get("g"),
-        )
-    elif kind == "a":
+        items: list[tuple[str, Any]] = [("m", tuple(p)) for p in record.get("m", ())]
+        items += [("p", kv) for kv in (record.get("p") or {}).items()]
+        items += [("g", kv) for kv in (record.get("g") or {}).items() if kv[0] not in skip_tags]
+        return _send_items(store, run_id, items) if items else []
+    if kind == "a":
         if record.get("dir"):
             store.log_artifacts(run_id, record["src"], record.get("dst"))
         else:
@@ -386,3 +425,46 @@ def send_record(store: Store, run_id: str, record: Record) -> None:
         store.terminate(run_id, record["status"], record.get("end"))
     else:
         raise ValueError(f"unknown spool record type {kind!r}")
+    return []
+
+
+def _send_items(store: Store, run_id: str, items: list[tuple[str, Any]]) -> list[str]:
+    """Send items in one batch; on a permanent refusal, halve until the bad items are found.
+
+    One bad value (a conflicting param, a key the server refuses) costs only itself:
+    ~2 log2(n) extra requests per bad item, and nothing when all is well.
+    """
+    from trainkit_tracking._store import is_transient
+
+    try:
+        store.log_batch(
+            run_id,
+            metrics=[p for k, p in items if k == "m"],
+            params={kv[0]: kv[1] for k, kv in items if k == "p"},
+            tags={kv[0]: kv[1] for k, kv in items if k == "g"},
+        )
+        return []
+    except Exception as exc:
+        if is_transient(exc) or _about_the_run(exc):
+            raise  # the whole record waits (for the store, or for the run to be restored)
+        if len(items) == 1:
+            kind, item = items[0]
+            what = {"m": "metric", "p": "param", "g": "tag"}[kind]
+            return [f"{what} {item[0]!r} ({_reason(exc)})"]
+    middle = len(items) // 2
+    return _send_items(store, run_id, items[:middle]) + _send_items(store, run_id, items[middle:])
+
+
+def _about_the_run(exc: BaseException) -> bool:
+    """Whether ``exc`` refuses the run itself (deleted, missing), not one of the items."""
+    text = str(exc)
+    return (
+        getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+        or "'active' state" in text
+        or "not found" in text.lower()
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(redact_value(str(exc)).split())
+    return text if len(text) <= 300 else text[:297] + "..."

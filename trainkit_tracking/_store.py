@@ -1,37 +1,64 @@
 """The only module that talks to MLflow: a thin MlflowClient wrapper with explicit run ids.
 
-Experiment get-or-create (race-safe), run creation and termination, search, batched
-logging and race-free version claims live here, with the retries and the error
-translation that go with them. mlflow is imported lazily, on first use.
+Every call goes through one door (``Store._call``): a deadline, retries of transient
+errors, a fast TCP check for http(s) stores, and errors classified once: transient (retry)
+or permanent (refused: never retried). mlflow is imported lazily, on first use.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
-import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
-from trainkit_tracking.errors import TrackingError
+from trainkit_tracking import _timeout
+from trainkit_tracking._redact import get_logger, redact_value
+from trainkit_tracking.errors import StoreUnavailableError, TrackingError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 CLAIM_PREFIX = ".trainkit-claims"
+DEFAULT_TIMEOUT = 30.0
+# A refused connection is retried this long (a server restarting), then reported.
+REFUSED_GRACE = 3.0
+# Uploads (checkpoints) take longer than control calls; they run in the background only.
+ARTIFACT_TIMEOUT = 900.0
+# Creating a fresh sqlite schema takes ~6 s; processes queue for it behind a lock.
+SQLITE_INIT_TIMEOUT = 300.0
 _TRANSIENT_CODES = frozenset(
-    {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 )
-_TRANSIENT_TEXT = ("database is locked", "connection", "timed out", "temporarily", "max retries")
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "connection",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "max retries",
+    "too many requests",
+    "service unavailable",
+    "bad gateway",
+)
+# Azure's SDK errors that mean "the network or service did not answer" (azure.core.exceptions).
+_AZURE_TRANSIENT = frozenset(
+    {"ServiceRequestError", "ServiceResponseError", "ServiceRequestTimeoutError"}
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,13 @@ class RunRecord:
         return self.tags.get("mlflow.parentRunId")
 
 
+@dataclass(frozen=True)
+class ExperimentRecord:
+    experiment_id: str
+    name: str
+    deleted: bool
+
+
 def error_code(exc: BaseException) -> str | None:
     """The MLflow error code of ``exc`` (e.g. ``RESOURCE_ALREADY_EXISTS``), if it has one."""
     code = getattr(exc, "error_code", None)
@@ -60,30 +94,32 @@ def error_code(exc: BaseException) -> str | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the call that raised ``exc`` may succeed (store busy, down or slow)."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    """Whether retrying the call that raised ``exc`` may succeed (store busy, down or slow).
+
+    Everything else is a permanent refusal (a bad or conflicting value, a missing run, a
+    value the database cannot encode): retrying it would block what comes after it.
+    """
+    if isinstance(exc, StoreUnavailableError):
+        return True
+    if isinstance(exc, (UnicodeError, ValueError, TypeError)) and error_code(exc) is None:
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    if {cls.__name__ for cls in type(exc).__mro__} & _AZURE_TRANSIENT:
         return True
     code = error_code(exc)
     if code in _TRANSIENT_CODES:
         return True
-    if code is not None and code not in ("INTERNAL_ERROR",):
+    if code is not None and code != "INTERNAL_ERROR":
         return False
+    # INTERNAL_ERROR (or no code): a database that is locked or gone is worth a retry; a
+    # value it cannot encode ("surrogates not allowed") is not.
     text = str(exc).lower()
     return any(fragment in text for fragment in _TRANSIENT_TEXT)
 
 
-def retry(call: Callable[[], T], *, what: str, attempts: int = 8, base_delay: float = 0.05) -> T:
-    """Run ``call``, retrying transient store errors with capped exponential backoff."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except Exception as exc:
-            if attempt == attempts - 1 or not is_transient(exc):
-                raise
-            delay = min(base_delay * 2**attempt, 2.0)
-            log.debug("retrying %s after transient error (%s); attempt %d", what, exc, attempt + 1)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+def is_already_exists(exc: BaseException) -> bool:
+    return error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc)
 
 
 def claim_experiment_name(experiment_id: str, base_name: str, version: int) -> str:
@@ -92,33 +128,187 @@ def claim_experiment_name(experiment_id: str, base_name: str, version: int) -> s
     return f"{CLAIM_PREFIX}/{experiment_id}/{digest}/{version}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other schemes and in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _http_address(uri: str) -> tuple[str, int] | None:
+    """(host, port) to probe for an http(s) store reached directly (not through a proxy)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname
+    import urllib.request  # deferred: it imports http.client, and imports must stay cheap
+
+    proxies = urllib.request.getproxies()
+    if proxies.get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return None  # the proxy is what answers; MLflow's own call will tell
+    return host, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def probe(uri: str, timeout: float) -> None:
+    """Open a TCP connection to an http(s) store; raises OSError when nothing listens."""
+    address = _http_address(uri)
+    if address is not None:
+        with socket.create_connection(address, timeout=max(timeout, 0.01)):
+            pass
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(db: Path, deadline: float) -> Iterator[None]:
+    """Serialise the first opening (schema creation and migrations) of a sqlite store.
+
+    MLflow creates and migrates the schema when it opens the database; two processes doing
+    it at once corrupt a fresh file for good (``table _alembic_tmp_tags already exists``).
+    The lock file sits beside the database; the kernel releases it if its holder dies.
+    """
+    from trainkit_tracking._spool import try_lock
+
+    try:
+        fd = os.open(db.with_name(db.name + ".trainkit-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # no such or a read-only directory: MLflow will say so itself
+        log.debug("no lock beside %s (%s); opening it unlocked", db, exc)
+        yield
+        return
+    try:
+        while not try_lock(fd):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"another process holds {db}.trainkit-lock")
+            time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class Store:
-    """MlflowClient with explicit run ids, retries and error translation."""
+    """MlflowClient with explicit run ids; every call bounded, retried and classified."""
 
-    def __init__(self, tracking_uri: str, *, attempts: int = 8) -> None:
-        """``attempts``: tries per call on transient errors; the logging worker passes 1
-        because it has its own backoff (and MLflow's HTTP client already retries)."""
+    def __init__(
+        self, tracking_uri: str, *, timeout: float = DEFAULT_TIMEOUT, retries: bool = True
+    ) -> None:
+        """``timeout``: the most any call waits in total, retries included. ``retries=False``
+        (the logging sender, which has its own backoff) makes one bounded try per call."""
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.tracking_uri = tracking_uri
-        self.attempts = attempts
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.shown_uri = redact_value(tracking_uri)
         self._client: MlflowClient | None = None
+        self._client_lock = threading.Lock()
+        self._reachable = _http_address(tracking_uri) is None  # only http(s) stores are probed
 
-    def _retry(self, call: Callable[[], T], *, what: str) -> T:
-        return retry(call, what=what, attempts=self.attempts)
+    def __repr__(self) -> str:
+        return f"Store({self.shown_uri!r})"
+
+    def _unavailable(self, what: str, waited: float, reason: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"the tracking store {self.shown_uri} did not answer {what} within {waited:.1f} s "
+            f"({redact_value(reason)}); check that it is running and reachable (`trainkit-"
+            "tracking doctor` tells), or raise Tracker(timeout=...) / TRAINKIT_TIMEOUT",
+            uri=self.shown_uri,
+            operation=what,
+            waited=round(waited, 3),
+        )
+
+    def _probe(self, what: str, started: float, deadline: float) -> None:
+        """Fail fast where nothing listens: a refused port or an unknown host."""
+        if _http_address(self.tracking_uri) is None:
+            return
+        refused_since: float | None = None
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                probe(self.tracking_uri, min(remaining, 5.0))
+                self._reachable = True
+                return
+            except socket.gaierror as exc:  # unknown host: waiting will not help
+                raise self._unavailable(what, time.monotonic() - started, str(exc)) from exc
+            except OSError as exc:
+                now = time.monotonic()
+                if isinstance(exc, ConnectionRefusedError):
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= REFUSED_GRACE:
+                        raise self._unavailable(what, now - started, "connection refused") from exc
+                if now + delay >= deadline:
+                    raise self._unavailable(
+                        what, now - started, str(exc) or type(exc).__name__
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _call(self, call: Callable[[], T], *, what: str, timeout: float | None = None) -> T:
+        """The one door to MLflow: ``call`` bounded by the deadline, transient errors retried.
+
+        MLflow's own HTTP retries run inside the bounded call, so they end at the deadline
+        too. A permanent error is raised at once, as MLflow raised it.
+        """
+        client = self.client  # opened outside the deadline (see the property)
+        assert client is not None
+        started = time.monotonic()
+        deadline = started + (self.timeout if timeout is None else timeout)
+        delay = 0.05
+        while True:
+            # The background sender (retries=False) checks before every call: MLflow's own
+            # retries of a refused connection would otherwise hold it for the whole bound.
+            if not self._reachable or not self.retries:
+                self._probe(what, started, deadline)
+            remaining = deadline - time.monotonic()
+            try:
+                return _timeout.bounded(call, timeout=remaining, what=what)
+            except _timeout.Abandoned as exc:
+                self._reachable = _http_address(self.tracking_uri) is None
+                raise self._unavailable(what, time.monotonic() - started, "no answer") from exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._reachable = _http_address(self.tracking_uri) is None
+                waited = time.monotonic() - started
+                if not self.retries or time.monotonic() + delay >= deadline:
+                    raise self._unavailable(what, waited, str(exc)) from exc
+                log.debug("retrying %s after a transient error: %s", what, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     @property
     def client(self) -> MlflowClient:
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
+        """The MlflowClient, opened once; a sqlite store is opened under a lock file.
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        Opening imports mlflow (seconds on a loaded machine) and, for sqlite, checks or
+        creates the schema: it happens before a call's deadline starts, since it does not
+        wait on the network (MlflowClient does not contact an http store until called).
+        """
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    from mlflow.tracking import MlflowClient
+
+                    db = sqlite_path(self.tracking_uri)
+                    if db is None:
+                        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                    else:
+                        # MlflowClient() opens the store, which creates/migrates the schema.
+                        deadline = time.monotonic() + max(self.timeout, SQLITE_INIT_TIMEOUT)
+                        with _sqlite_init_lock(db, deadline):
+                            self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a file on this machine (sqlite, or MLflow's file store)."""
+        return self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
 
     # Experiments -------------------------------------------------------------
 
     def get_or_create_experiment(self, name: str) -> str:
         """Return the id of experiment ``name``, creating it; safe when processes race."""
         for _ in range(5):
-            experiment = self._retry(
+            experiment = self._call(
                 lambda: self.client.get_experiment_by_name(name), what="get_experiment_by_name"
             )
             if experiment is not None:
@@ -130,18 +320,58 @@ class Store:
                 return str(experiment.experiment_id)
             try:
                 return str(
-                    self._retry(
+                    self._call(
                         lambda: self.client.create_experiment(name), what="create_experiment"
                     )
                 )
             except Exception as exc:
-                if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                if not is_already_exists(exc):
                     raise
                 # Another process created it between our lookup and our create: look again.
         raise TrackingError(f"could not get or create experiment {name!r}")
 
+    def find_experiment(self, name_or_id: str) -> ExperimentRecord | None:
+        """The experiment named ``name_or_id`` (else with that id), deleted ones included;
+        None when there is none. Failures to ask (network, auth) raise, never None."""
+        found = self._call(
+            lambda: self.client.get_experiment_by_name(name_or_id), what="get_experiment_by_name"
+        )
+        if found is None and name_or_id.isdigit():
+            try:
+                found = self._call(
+                    lambda: self.client.get_experiment(name_or_id), what="get_experiment"
+                )
+            except Exception as exc:
+                if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        if found is None:
+            return None
+        return ExperimentRecord(
+            str(found.experiment_id), str(found.name), found.lifecycle_stage == "deleted"
+        )
+
+    def ping(self) -> None:
+        """One cheap read: raises when the store does not answer."""
+        self._call(lambda: self.client.search_experiments(max_results=1), what="a first read")
+
+    def list_experiments(self) -> list[ExperimentRecord]:
+        """Every active experiment of the store (all pages)."""
+        found: list[ExperimentRecord] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                lambda token=token: self.client.search_experiments(  # type: ignore[misc]
+                    max_results=1000, page_token=token
+                ),
+                what="search_experiments",
+            )
+            found.extend(ExperimentRecord(str(e.experiment_id), str(e.name), False) for e in page)
+            token = page.token
+            if not token:
+                return found
+
     def experiment_name(self, experiment_id: str) -> str:
-        experiment = self._retry(
+        experiment = self._call(
             lambda: self.client.get_experiment(experiment_id), what="get_experiment"
         )
         return str(experiment.name)
@@ -160,12 +390,12 @@ class Store:
         while True:
             name = claim_experiment_name(experiment_id, base_name, version)
             try:
-                claim_id = self._retry(
+                claim_id = self._call(
                     lambda n=name: self.client.create_experiment(n),  # type: ignore[misc]
                     what="claim version",
                 )
             except Exception as exc:
-                if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
+                if is_already_exists(exc):
                     version = self._first_free(experiment_id, base_name, version + 1)
                     continue
                 raise
@@ -182,9 +412,9 @@ class Store:
         """
         name = f"{CLAIM_PREFIX}/{experiment_id}/sentinel"
         try:
-            sentinel = self._retry(lambda: self.client.create_experiment(name), what="claim")
+            sentinel = self._call(lambda: self.client.create_experiment(name), what="claim")
         except Exception as exc:
-            if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
+            if is_already_exists(exc):
                 return True  # made earlier (by us or a racing process): claims intact
             raise
         _hide_later(self, str(sentinel))
@@ -196,7 +426,7 @@ class Store:
 
     def _claimed(self, experiment_id: str, base_name: str, version: int) -> bool:
         name = claim_experiment_name(experiment_id, base_name, version)
-        found = self._retry(lambda: self.client.get_experiment_by_name(name), what="read claim")
+        found = self._call(lambda: self.client.get_experiment_by_name(name), what="read claim")
         return found is not None
 
     def _first_free(self, experiment_id: str, base_name: str, low: int) -> int:
@@ -218,49 +448,47 @@ class Store:
 
     def hide_claim(self, claim_id: str) -> None:
         try:
-            self.client.delete_experiment(claim_id)
+            self._call(lambda: self.client.delete_experiment(claim_id), what="hide claim")
         except Exception as exc:  # a visible claim is cosmetic, never fatal
             log.debug("could not hide version claim %s: %s", claim_id, exc)
 
     # Runs --------------------------------------------------------------------
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> RunRecord:
-        run = self._retry(
+        run = self._call(
             lambda: self.client.create_run(experiment_id, tags=dict(tags), run_name=run_name),
             what="create_run",
         )
         return _record(run)
 
     def rename_run(self, run_id: str, name: str) -> None:
-        self._retry(lambda: self.client.update_run(run_id, name=name), what="update_run")
+        self._call(lambda: self.client.update_run(run_id, name=name), what="update_run")
 
     def set_status(self, run_id: str, status: str) -> None:
-        self._retry(lambda: self.client.update_run(run_id, status=status), what="update_run")
+        self._call(lambda: self.client.update_run(run_id, status=status), what="update_run")
 
     def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
         from mlflow.entities import RunStatus
 
-        # MlflowClient.set_terminated() fetches the run again and writes "View run ..."
-        # lines to stdout for http stores (mlflow/tracking/_tracking_service/client.py,
-        # _log_url): a library must not print into its user's training logs, so go to
-        # the store directly when the client exposes it.
-        store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
         end = end_time or int(time.time() * 1000)
-        if store is None or not hasattr(store, "update_run_info"):
-            self._retry(
-                lambda: self.client.set_terminated(run_id, status=status, end_time=end),
-                what="set_terminated",
-            )
-            return
-        self._retry(
-            lambda: store.update_run_info(
-                run_id, run_status=RunStatus.from_string(status), end_time=end, run_name=None
-            ),
-            what="update_run_info",
-        )
+
+        def call() -> None:
+            # MlflowClient.set_terminated() fetches the run again and writes "View run ..."
+            # lines to stdout for http stores (mlflow/tracking/_tracking_service/client.py,
+            # _log_url): a library must not print into its user's training logs, so go to
+            # the store directly when the client exposes it.
+            store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+            if store is None or not hasattr(store, "update_run_info"):
+                self.client.set_terminated(run_id, status=status, end_time=end)
+            else:
+                store.update_run_info(
+                    run_id, run_status=RunStatus.from_string(status), end_time=end, run_name=None
+                )
+
+        self._call(call, what="end run")
 
     def get_run(self, run_id: str) -> RunRecord:
-        return _record(self._retry(lambda: self.client.get_run(run_id), what="get_run"))
+        return _record(self._call(lambda: self.client.get_run(run_id), what="get_run"))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.log_batch(run_id, tags=tags)
@@ -301,7 +529,7 @@ class Store:
         seen = 0
         while True:
             page_size = 1000 if max_results is None else min(1000, max_results - seen)
-            page = self._retry(
+            page = self._call(
                 lambda page_size=page_size, token=token: self.client.search_runs(  # type: ignore[misc]
                     list(experiment_ids),
                     filter_string=filter_string,
@@ -340,7 +568,7 @@ class Store:
         metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
         param_entities = [Param(k, v) for k, v in (params or {}).items()]
         tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()]
-        self._retry(
+        self._call(
             lambda: self.client.log_batch(
                 run_id,
                 metrics=metric_entities,
@@ -352,10 +580,18 @@ class Store:
         )
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
-        self.client.log_artifact(run_id, local_path, artifact_path)
+        self._call(
+            lambda: self.client.log_artifact(run_id, local_path, artifact_path),
+            what="upload artifact",
+            timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+        )
 
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None) -> None:
-        self.client.log_artifacts(run_id, local_dir, artifact_path)
+        self._call(
+            lambda: self.client.log_artifacts(run_id, local_dir, artifact_path),
+            what="upload artifacts",
+            timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+        )
 
 
 _hide_queue: queue.SimpleQueue[tuple[Store, str] | None] = queue.SimpleQueue()

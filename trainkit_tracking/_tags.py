@@ -89,6 +89,9 @@ _DEFAULT_KEYS: dict[str, str] = {
     # The identity fields of the RunSpec as JSON (set by the Tracker at creation), so a
     # joined run rebuilds exactly the spec it was created with.
     "run_spec": "code.run_spec",
+    # Offline runs (created in the local store while the tracking store was unreachable).
+    "push_to": "code.push_to",
+    "remote_parent_id": "code.remote_parent_id",
 }
 
 # User tags (spec.tags) may override any tag except these, which find(), the run tree
@@ -212,6 +215,12 @@ class TagKeys(_Frozen, Mapping[str, str]):
                     f"known names are: {', '.join(sorted(_DEFAULT_KEYS))}"
                 )
             for name, key in overrides.items():
+                if name in _RESERVED and key != _DEFAULT_KEYS[name]:
+                    raise TagKeyError(
+                        f"logical tag name {name!r} maps to MLflow's own tag "
+                        f"{_DEFAULT_KEYS[name]!r}, which cannot be remapped (got {key!r}): MLflow's "
+                        "UI and API read it there; remove it from the overrides"
+                    )
                 try:
                     merged[name] = validate_tag_key(key)
                 except TagKeyError as e:
@@ -281,6 +290,16 @@ class TagKeys(_Frozen, Mapping[str, str]):
     def __repr__(self) -> str:
         changed = {n: k for n, k in self._keys.items() if _DEFAULT_KEYS[n] != k}
         return f"TagKeys.from_dict({changed!r})" if changed else "TagKeys.default()"
+
+
+# MLflow's own tags keep their meaning: the UI nests runs by mlflow.parentRunId, names them
+# by mlflow.runName, and shows mlflow.user / mlflow.source.* as "Created by" and "Source".
+_RESERVED = frozenset(
+    name
+    for name, key in _DEFAULT_KEYS.items()
+    if key in ("mlflow.parentRunId", "mlflow.runName", "mlflow.user")
+    or key.startswith("mlflow.source.")
+)
 
 
 def _check_unique(keys: Mapping[str, str]) -> None:

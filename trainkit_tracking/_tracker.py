@@ -2,51 +2,38 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import logging
 import os
-import re
-import sys
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from trainkit_tracking import _azure, _env, _rank
+from trainkit_tracking import _azure, _env, _exit, _handover, _rank
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import Platform, detect_platform, local_store_path, local_store_uri
+from trainkit_tracking._redact import get_logger, redact_value
 from trainkit_tracking._runs import NoopRun, Run
-from trainkit_tracking._store import RunRecord, Store
+from trainkit_tracking._store import DEFAULT_TIMEOUT, RunRecord, Store, sqlite_path
 from trainkit_tracking._tags import TagKeys, TagSet, creation_tags
 from trainkit_tracking._version import __version__
-from trainkit_tracking.errors import TrackingError, TrackingWarning
-from trainkit_tracking.models import IDENTITY_FIELDS, Lineage, RunKind, RunSpec, validate_run_id
+from trainkit_tracking._versions import Versions
+from trainkit_tracking.errors import StoreUnavailableError, TrackingError, TrackingWarning
+from trainkit_tracking.models import Lineage, RunKind, RunSpec, validate_run_id
 
-log = logging.getLogger(__name__)
-
-_HANDED_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
-_SEED_INHERITED_TAGS = {
-    "model": "model",
-    "study_key_hash": "study_key_hash",
-    "study_family_hash": "study_family_hash",
-    "trial_key_hash": "trial_key_hash",
-    "storage_env": "storage_env",
-    "env": "environment",
-    "project": "project",
-}
+log = get_logger(__name__)
 
 
 class Tracker:
     """Resolves the tracking store and experiment, and creates, resumes and joins runs.
 
     Nothing touches the network or the disk until first use; ``setup()`` does it
-    explicitly. The environment is read once, when the Tracker is built.
+    explicitly. The environment is read once, when the Tracker is built. Every call that
+    must reach the store waits at most ``timeout`` seconds; ending runs at most
+    ``exit_timeout`` seconds in total.
     """
 
     def __init__(
@@ -58,6 +45,8 @@ class Tracker:
         policy: NamingPolicy | None = None,
         keys: TagKeys | None = None,
         fallback_to_local: bool = True,
+        timeout: float | None = None,
+        exit_timeout: float | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         flush_interval: float = 1.0,
         azure_timeout: float = 30.0,
@@ -74,29 +63,43 @@ class Tracker:
         self.policy = policy or NamingPolicy.default()
         self.keys = keys or TagKeys.default()
         self.fallback_to_local = fallback_to_local
+        self.timeout = _seconds(
+            timeout, "timeout", self._environ, _env.TRAINKIT_TIMEOUT, DEFAULT_TIMEOUT
+        )
+        self.exit_timeout = _seconds(
+            exit_timeout,
+            "exit_timeout",
+            self._environ,
+            _env.TRAINKIT_EXIT_TIMEOUT,
+            _exit.DEFAULT_EXIT_TIMEOUT,
+        )
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.flush_interval = flush_interval
         self.azure_timeout = azure_timeout
         self._azure_args = (subscription_id, resource_group, workspace_name)
         self._cwd = Path(cwd) if cwd is not None else None
         self._platform: Platform = detect_platform(self._environ)
+        self._rank_checked = _rank.current_rank(self._environ)  # a malformed RANK fails here
         self._lock = threading.RLock()
         self._store: Store | None = None
         self._tracking_uri: str | None = None
         self._uri_source: str | None = None
         self._experiment_id: str | None = None
         self._experiment_name: str | None = None
-        self._fell_back = False
+        self._fell_back = False  # Azure was not available: the local store instead
+        self._push_to: str | None = None  # offline: the store the runs are meant for (redacted)
         self._warned: set[str] = set()
-        self._open: weakref.WeakSet[Run] = weakref.WeakSet()
-        self._atexit_registered = False
-        self._next_version: dict[tuple[str, str], int] = {}  # a hint only: claims decide
-        self._intact: dict[str, bool] = {}  # per experiment: no `mlflow gc` purged claims
+        self._versions = Versions(self.keys["base_name"], self.keys["version"])
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Tracker:
         """A Tracker configured from the environment only (SPEC section 6)."""
         return cls(environ=environ, **kwargs)
+
+    def __repr__(self) -> str:
+        uri = redact_value(self._tracking_uri or self._uri_arg or "<not resolved yet>")
+        experiment = self._experiment_name or self._experiment_arg
+        return f"Tracker(experiment={experiment!r}, tracking_uri={uri!r})"
 
     # Resolution ------------------------------------------------------------------
 
@@ -106,9 +109,7 @@ class Tracker:
 
     @property
     def tracking_uri(self) -> str:
-        self.setup()
-        assert self._tracking_uri is not None
-        return self._tracking_uri
+        return self.setup()[0]
 
     @property
     def uri_source(self) -> str:
@@ -119,9 +120,7 @@ class Tracker:
 
     @property
     def experiment_id(self) -> str:
-        self.setup()
-        assert self._experiment_id is not None
-        return self._experiment_id
+        return self.setup()[1]
 
     @property
     def experiment_name(self) -> str:
@@ -131,7 +130,12 @@ class Tracker:
 
     @property
     def fell_back_to_local(self) -> bool:
-        return self._fell_back
+        return self._fell_back or self._push_to is not None
+
+    @property
+    def offline(self) -> bool:
+        """Whether runs go to the local store because the tracking store did not answer."""
+        return self._push_to is not None
 
     @property
     def store(self) -> Store:
@@ -143,9 +147,13 @@ class Tracker:
     def spool_dir(self) -> Path:
         if self._spool_dir is not None:
             return self._spool_dir
-        from trainkit_tracking._logging import default_spool_dir
+        from trainkit_tracking._spool import default_spool_dir
 
         return default_spool_dir(self._environ)
+
+    def _local_uri(self) -> str:
+        cwd = self._cwd or Path.cwd()
+        return local_store_uri(local_store_path(self._platform, cwd=cwd, project=self._project))
 
     def resolve_tracking_uri(self) -> tuple[str, str]:
         """Resolve (uri, source) without creating anything (Azure is checked, bounded)."""
@@ -170,9 +178,7 @@ class Tracker:
                 # The one documented write to os.environ: azureml-mlflow reads it there.
                 os.environ.setdefault(_env.AZUREML_ARTIFACTS_DEFAULT_TIMEOUT, timeout)
         if not uri:
-            cwd = self._cwd or Path.cwd()
-            path = local_store_path(self._platform, cwd=cwd, project=self._project)
-            uri, source = local_store_uri(path), "local store"
+            uri, source = self._local_uri(), "local store"
         return uri, source
 
     def _azure_failed(self, exc: BaseException) -> None:
@@ -189,43 +195,75 @@ class Tracker:
     def warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
-            warnings.warn(message, TrackingWarning, stacklevel=3)
+            warnings.warn(redact_value(message), TrackingWarning, stacklevel=3)
 
     def setup(self) -> tuple[str, str]:
-        """Resolve the tracking URI, create the experiment if needed; returns (uri, experiment id)."""
+        """Resolve the tracking URI, create the experiment if needed; returns (uri, experiment id).
+
+        A store that does not answer within ``timeout``: the local store instead (runs
+        marked for ``trainkit-tracking push``) with ``fallback_to_local``, else
+        ``StoreUnavailableError``.
+        """
         with self._lock:
             if self._store is not None and self._experiment_id is not None:
                 assert self._tracking_uri is not None
                 return self._tracking_uri, self._experiment_id
             uri, source = self.resolve_tracking_uri()
-            if uri.startswith("sqlite:///"):
-                Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-            store = Store(uri)
-            name = self._experiment_arg or self._environ.get(_env.MLFLOW_EXPERIMENT_NAME)
-            experiment_id = self._environ.get(_env.MLFLOW_EXPERIMENT_ID) if not name else None
-            if self._fell_back:
-                experiment_id = None  # an Azure experiment id means nothing in the local store
             try:
-                if name:
-                    experiment_id = store.get_or_create_experiment(name)
-                elif experiment_id:
-                    name = store.experiment_name(experiment_id)
-                else:
-                    raise TrackingError(
-                        "no experiment given: pass Tracker(experiment='name') or set "
-                        "MLFLOW_EXPERIMENT_NAME"
-                    )
-            except TrackingError:
-                raise
-            except Exception as exc:
-                raise TrackingError(
-                    f"the tracking store {uri!r} did not answer ({exc}); check that it is "
-                    "running and reachable"
-                ) from exc
-            self._tracking_uri, self._uri_source = uri, source
-            self._experiment_id, self._experiment_name = experiment_id, name
-            self._store = store
-            return uri, experiment_id
+                self._open(uri, source)
+            except StoreUnavailableError as exc:
+                self._go_offline(uri, exc)
+            assert self._tracking_uri is not None and self._experiment_id is not None
+            return self._tracking_uri, self._experiment_id
+
+    def _open(self, uri: str, source: str) -> None:
+        db = sqlite_path(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(uri, timeout=self.timeout)
+        name = self._experiment_arg or self._environ.get(_env.MLFLOW_EXPERIMENT_NAME)
+        experiment_id = self._environ.get(_env.MLFLOW_EXPERIMENT_ID) if not name else None
+        if self._fell_back or self._push_to is not None:
+            experiment_id = None  # an id of the other store means nothing in the local one
+        if not name and not experiment_id:
+            raise TrackingError(
+                "no experiment given: pass Tracker(experiment='name') or set MLFLOW_EXPERIMENT_NAME"
+            )
+        try:
+            if name:
+                experiment_id = store.get_or_create_experiment(name)
+            else:
+                assert experiment_id is not None
+                name = store.experiment_name(experiment_id)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise TrackingError(
+                f"the tracking store {redact_value(uri)} refused to open experiment "
+                f"{name or experiment_id!r}: {redact_value(str(exc))}"
+            ) from exc
+        self._tracking_uri, self._uri_source = uri, source
+        self._experiment_id, self._experiment_name = experiment_id, name
+        self._store = store
+
+    def _go_offline(self, target: str, exc: StoreUnavailableError) -> None:
+        """Create runs in the local store from now on, marked for a push to ``target``."""
+        local = self._local_uri()
+        if not self.fallback_to_local or target == local or Store(target).is_local:
+            raise exc  # a local file store that does not answer: another one would not help
+        if not (self._experiment_arg or self._environ.get(_env.MLFLOW_EXPERIMENT_NAME)):
+            raise TrackingError(
+                f"{exc}; the local store cannot stand in for it without an experiment name "
+                "(pass Tracker(experiment=...) or set MLFLOW_EXPERIMENT_NAME)"
+            ) from exc
+        self._push_to = redact_value(target)
+        self._store = None
+        self._open(local, "local store (offline)")
+        self.warn_once(
+            "offline",
+            f"{exc}. Training goes on: runs are created in the local store {local} and marked "
+            f"for `trainkit-tracking push` to {self._push_to} (fallback_to_local=True)",
+        )
 
     # Runs ------------------------------------------------------------------------
 
@@ -234,7 +272,10 @@ class Tracker:
         if _azure.is_azure_uri(uri):
             return _azure.studio_url(uri, run_id)
         if uri.startswith(("http://", "https://")):
-            return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+            # Without user:password@: a link is shown and shared; the browser asks instead.
+            parts = urlsplit(uri)
+            base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+            return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         return None
 
     def handover_env(self) -> dict[str, str]:
@@ -258,19 +299,13 @@ class Tracker:
                 env[_env.MLFLOW_RUN_ID] = auth_run
         return env
 
-    def _is_rank_zero(self) -> bool:
-        # Decided per call, not cached: torch.distributed may be initialised after the
-        # Tracker is built. Ranks other than 0 never touch the store (no setup, no
-        # migration race on a fresh sqlite file).
-        return _rank.current_rank(self._environ) == 0
-
-    def _noop_collective(self, spec: RunSpec | None) -> Run:
-        """The non-zero-rank side of a collective start_run/child/attach."""
-        return NoopRun(_rank.broadcast_run_id(None), spec, self)
-
     def _collective(self, create: Callable[[], Run], spec: RunSpec | None) -> Run:
-        """Rank 0 creates (and broadcasts the id); other ranks get a NoopRun."""
-        if not self._is_rank_zero():
+        """Rank 0 creates (and broadcasts the id); other ranks get a NoopRun.
+
+        The rank is decided per call: torch.distributed may be initialised after the
+        Tracker is built. Other ranks never touch the store.
+        """
+        if _rank.current_rank(self._environ) != 0:
             return self._noop_collective(spec)
         run: Run | None = None
         try:
@@ -280,6 +315,10 @@ class Tracker:
                 _rank.broadcast_run_id(run.id if run is not None else None)
         assert run is not None
         return run
+
+    def _noop_collective(self, spec: RunSpec | None) -> Run:
+        """The non-zero-rank side of a collective start_run/child/attach."""
+        return NoopRun(_rank.broadcast_run_id(None), spec, self)
 
     def start_run(
         self, spec: RunSpec, *, parent: Run | str | None = None, resume: bool = False
@@ -300,9 +339,21 @@ class Tracker:
         resume: bool,
         name_override: str | None = None,
     ) -> Run:
-        store = self.store
-        parent_id, experiment_id = self._parent(parent)
-        if parent_id is None:
+        self.setup()
+        try:
+            return self._create(spec, parent, resume, name_override)
+        except StoreUnavailableError as exc:
+            with self._lock:
+                if self._push_to is None:
+                    self._go_offline(self.tracking_uri, exc)
+            return self._create(spec, parent, resume, name_override)
+
+    def _create(
+        self, spec: RunSpec, parent: Run | str | None, resume: bool, name_override: str | None
+    ) -> Run:
+        store, keys = self.store, self.keys
+        parent_id, experiment_id, remote_parent = self._parent(parent)
+        if parent_id is None and remote_parent is None and not self.fell_back_to_local:
             job_run = _azure.job_run_id(self._environ, self.tracking_uri)
             adopted = self._adopt_job_run(spec, job_run) if job_run is not None else None
             if adopted is not None:
@@ -313,58 +364,43 @@ class Tracker:
                     if record.status != "RUNNING":
                         store.set_status(record.run_id, "RUNNING")
                     return self._make_run(record, spec, owns_status=True)
+        tags, name = self._named_tags(spec, experiment_id, name_override)
+        tags = tags | creation_tags(keys, run_name=name, parent_run_id=parent_id)
+        if self._push_to is not None:
+            tags = tags | {keys["push_to"]: self._push_to}
+        if remote_parent is not None:
+            tags = tags | {keys["remote_parent_id"]: remote_parent}
+        record = store.create_run(experiment_id, name, tags)
+        if spec.run_name is None and name_override is None and self.policy.needs_run_id(spec):
+            final = redact_value(self.policy.render(spec, run_id=record.run_id))
+            store.rename_run(record.run_id, final)
+            store.set_tags(record.run_id, {keys["run_name"]: final})
+            record = store.get_run(record.run_id)
+        return self._make_run(record, spec, owns_status=True)
+
+    def _named_tags(
+        self, spec: RunSpec, experiment_id: str, name_override: str | None, run_id: str = ""
+    ) -> tuple[TagSet, str]:
+        """The spec's tags and the run's name (a version claimed when the policy has one)."""
+        keys = self.keys
         tags = self._spec_tags(spec)
         name = name_override or spec.run_name
         if name is None and self.policy.is_versioned(spec):
             base = self.policy.base_name(spec)
-            version = self._assign_version(experiment_id, base)
+            version = self._versions.assign(self.store, experiment_id, base)
             name = self.policy.render(spec, version=version)
-            tags = tags | {self.keys["base_name"]: base, self.keys["version"]: str(version)}
+            tags = tags | {keys["base_name"]: base, keys["version"]: str(version)}
         elif name is None:
-            name = self.policy.render(spec)
-        tags = tags | creation_tags(self.keys, run_name=name, parent_run_id=parent_id)
+            name = self.policy.render(spec, run_id=run_id or None)
+        # Names pass the same masking as tag values: MLflow requires mlflow.runName to
+        # equal the run's name, and neither may carry a secret.
+        name = redact_value(name)
         # The first heartbeat rides on creation; the logger refreshes it from then on.
         tags = tags | {
-            self.keys["heartbeat"]: str(int(time.time())),
-            self.keys["run_spec"]: spec_identity_json(spec),
+            keys["heartbeat"]: str(int(time.time())),
+            keys["run_spec"]: _handover.spec_identity_json(spec),
         }
-        record = store.create_run(experiment_id, name, tags)
-        if spec.run_name is None and name_override is None and self.policy.needs_run_id(spec):
-            final = self.policy.render(spec, run_id=record.run_id)
-            store.rename_run(record.run_id, final)
-            store.set_tags(record.run_id, {self.keys["run_name"]: final})
-            record = store.get_run(record.run_id)
-        return self._make_run(record, spec, owns_status=True)
-
-    def _assign_version(self, experiment_id: str, base: str) -> int:
-        """Claim the next version of ``base`` in the experiment (see docs/tracker.md)."""
-        key = (experiment_id, base)
-        cached = self._next_version.get(key)
-        intact = cached is not None or self._claims_intact(experiment_id)  # before claiming
-        version = self.store.claim_version(experiment_id, base, cached or 1)
-        if not intact:
-            # Claims alone decide, unless an admin ran `mlflow gc`, which purges
-            # soft-deleted experiments, claims included. Then, the first time this
-            # process names a base, check that no live run already carries the number.
-            highest = self._highest_version(experiment_id, base)
-            if highest >= version:
-                version = self.store.claim_version(experiment_id, base, highest + 1)
-        self._next_version[key] = version + 1
-        return version
-
-    def _claims_intact(self, experiment_id: str) -> bool:
-        intact = self._intact.get(experiment_id)
-        if intact is None:
-            intact = self.store.claims_intact(experiment_id, self.keys["version"])
-            self._intact[experiment_id] = intact
-        return intact
-
-    def _highest_version(self, experiment_id: str, base: str) -> int:
-        if "'" in base or "\\" in base:
-            return 0  # not expressible in a filter string; claims still hold
-        records = self.store.search([experiment_id], f"tags.`{self.keys['base_name']}` = '{base}'")
-        numbers = [r.tags.get(self.keys["version"], "") for r in records]
-        return max((int(n) for n in numbers if n.isdigit()), default=0)
+        return tags, name
 
     def _spec_tags(self, spec: RunSpec) -> TagSet:
         return TagSet.for_spec(
@@ -375,14 +411,23 @@ class Tracker:
             environ=self._environ,
         )
 
-    def _parent(self, parent: Run | str | None) -> tuple[str | None, str]:
+    def _parent(self, parent: Run | str | None) -> tuple[str | None, str, str | None]:
+        """(parent id in this store, experiment id, parent id in the target store if offline)."""
         if parent is None:
-            return None, self.experiment_id
+            return None, self.experiment_id, None
         if isinstance(parent, Run):
-            if parent.experiment_id:
-                return parent.id, parent.experiment_id
-            parent = parent.id
-        return parent, self._get_handed_run(parent, "parent").experiment_id
+            if parent.experiment_id and parent._uri == self.tracking_uri:
+                return parent.id, parent.experiment_id, None
+            parent_id = parent.id
+        else:
+            parent_id = _handover.check_run_id(parent, "parent")
+        if self._push_to is not None:
+            try:
+                local = self.store.get_run(parent_id)
+            except Exception:  # not in the local store: the parent lives in the target
+                return None, self.experiment_id, parent_id
+            return parent_id, local.experiment_id, None
+        return parent_id, self._get_handed_run(parent_id, "parent").experiment_id, None
 
     def _adopt_job_run(self, spec: RunSpec, run_id: str) -> Run | None:
         """Inside an Azure ML job: take over the run the job created instead of a second one.
@@ -400,26 +445,19 @@ class Tracker:
             return None
         name = record.tags.get(keys["run_name"]) if held is not None else None
         if name is None:
-            tags = self._spec_tags(spec)
-            name = spec.run_name
-            if name is None and self.policy.is_versioned(spec):
-                experiment_id = record.experiment_id
-                base = self.policy.base_name(spec)
-                version = self._assign_version(experiment_id, base)
-                name = self.policy.render(spec, version=version)
-                tags = tags | {keys["base_name"]: base, keys["version"]: str(version)}
-            elif name is None:
-                name = self.policy.render(spec, run_id=run_id)
-            created = {
-                keys["run_name"]: name,
-                keys["heartbeat"]: str(int(time.time())),
-                keys["run_spec"]: spec_identity_json(spec),
-            }
-            store.set_tags(run_id, tags | created)
+            tags, name = self._named_tags(spec, record.experiment_id, None, run_id=run_id)
+            store.set_tags(run_id, tags | {keys["run_name"]: name})
             record = store.get_run(run_id)
         return self._make_run(dataclasses.replace(record, name=name), spec, owns_status=False)
 
-    def _make_run(self, record: RunRecord, spec: RunSpec | None, *, owns_status: bool) -> Run:
+    def _make_run(
+        self,
+        record: RunRecord,
+        spec: RunSpec | None,
+        *,
+        owns_status: bool,
+        spec_problem: str | None = None,
+    ) -> Run:
         from trainkit_tracking._logging import RunLogger
 
         logger = RunLogger(
@@ -429,6 +467,7 @@ class Tracker:
             flush_interval=self.flush_interval,
             known_params=record.params,
             heartbeat_tag=self.keys["heartbeat"],
+            timeout=self.timeout,
         )
         run = Run(
             self,
@@ -439,19 +478,10 @@ class Tracker:
             experiment_id=record.experiment_id,
             logger=logger,
             owns_status=owns_status,
+            spec_problem=spec_problem,
         )
-        with self._lock:
-            self._open.add(run)
-            if not self._atexit_registered:
-                # Registered after the logger's own exit hook, so it runs first (LIFO).
-                atexit.register(_end_open_runs, weakref.ref(self))
-                _watch_uncaught(self)
-                self._atexit_registered = True
+        _exit.hold(run, self.exit_timeout)
         return run
-
-    def _forget(self, run: Run) -> None:
-        with self._lock:
-            self._open.discard(run)
 
     # Handover ----------------------------------------------------------------------
 
@@ -460,75 +490,40 @@ class Tracker:
         return self._collective(self._attach, None)
 
     def _attach(self) -> Run:
-        env = self._environ
-        run_id = env.get(_env.TRAINKIT_RUN_ID)
-        spec_json = env.get(_env.TRAINKIT_RUN_SPEC)
-        parent_id = env.get(_env.TRAINKIT_PARENT_RUN_ID)
-        name = env.get(_env.MLFLOW_RUN_NAME) or None
-        if run_id:
-            return self._join(run_id)
-        if parent_id and spec_json:
-            spec = RunSpec.model_validate_json(spec_json)
-            return self._start(spec, parent=parent_id, resume=False, name_override=name)
-        seed_parent = env.get(_env.MLFLOW_PARENT_RUN_ID)
-        if seed_parent:
-            spec = self._seed_child_spec(seed_parent)
-            return self._start(spec, parent=seed_parent, resume=False, name_override=name)
-        if env.get(_env.MLFLOW_RUN_ID) and not self._fell_back:
-            return self._join(env[_env.MLFLOW_RUN_ID])
-        raise TrackingError(
-            "nothing to attach to: the parent process must hand over a run with "
-            "run.subprocess_env() (TRAINKIT_RUN_ID, or TRAINKIT_PARENT_RUN_ID and "
-            "TRAINKIT_RUN_SPEC), or set MLFLOW_RUN_ID / MLFLOW_PARENT_RUN_ID"
+        self.setup()
+        handover = _handover.read_handover(self._environ, fell_back=self.fell_back_to_local)
+        if handover.run_id is not None:
+            record = self._get_handed_run(handover.run_id, handover.source)
+            spec, problem = _handover.spec_from_tags(record.tags, self.keys)
+            return self._make_run(record, spec, owns_status=False, spec_problem=problem)
+        assert handover.parent_id is not None
+        spec = handover.spec
+        if spec is None:  # the seed's variables: the child's spec comes from its parent
+            parent = self._get_handed_run(handover.parent_id, handover.source)
+            spec = _handover.seed_child_spec(
+                handover.parent_id, parent.tags, self._environ, self.keys
+            )
+        return self._start(
+            spec, parent=handover.parent_id, resume=False, name_override=handover.name
         )
 
-    def _join(self, run_id: str) -> Run:
-        record = self._get_handed_run(run_id, _env.TRAINKIT_RUN_ID)
-        spec = _spec_from_tags(record.tags, self.keys)
-        return self._make_run(record, spec, owns_status=False)
-
     def _get_handed_run(self, run_id: str, source: str) -> RunRecord:
-        """Read a run named by the caller or the environment, with an error that says why not.
-
-        Run ids are MLflow's 32-hex ids on most stores, but an Azure ML job's run id is
-        its job name, so only the character set is checked here.
-        """
-        if not isinstance(run_id, str) or not _HANDED_RUN_ID.match(run_id):
-            raise TrackingError(f"{source} must be a run id, got {run_id!r}")
+        """Read a run named by the caller or the environment, with an error that says why not."""
+        _handover.check_run_id(run_id, source)
         try:
             return self.store.get_run(run_id)
+        except StoreUnavailableError:
+            raise
         except Exception as exc:
             hint = (
-                " (the tracker fell back to the local store, where the Azure run does not exist)"
-                if self._fell_back
+                " (the tracker fell back to the local store, where that run does not exist)"
+                if self.fell_back_to_local
                 else ""
             )
             raise TrackingError(
-                f"run {run_id!r} from {source} is not in the store {self.tracking_uri!r}{hint}: {exc}"
+                f"run {run_id!r} from {source} is not in the store "
+                f"{redact_value(self.tracking_uri)}{hint}: {redact_value(str(exc))}"
             ) from exc
-
-    def _seed_child_spec(self, parent_id: str) -> RunSpec:
-        parent = self._get_handed_run(parent_id, _env.MLFLOW_PARENT_RUN_ID)
-        fields: dict[str, Any] = {}
-        for logical, field in _SEED_INHERITED_TAGS.items():
-            value = parent.tags.get(self.keys[logical])
-            if value:
-                fields[field] = value
-        if "model" not in fields:
-            raise TrackingError(
-                f"parent run {parent_id!r} has no {self.keys['model']!r} tag; create it with "
-                "trainkit_tracking or hand the child over with run.subprocess_env(child=spec)"
-            )
-        trial = self._environ.get(_env.MLFLOW_TRIAL_NUMBER) or parent.tags.get(
-            self.keys["trial_number"]
-        )
-        fold = self._environ.get(_env.MLFLOW_FOLD_IDX)
-        fields["kind"] = RunKind.HPO_TRIAL_FOLD if fold else RunKind.HPO_TRIAL
-        if trial:
-            fields["trial_number"] = int(trial)
-        if fold:
-            fields["fold_idx"] = int(fold)
-        return RunSpec(**fields)
 
     # Queries -------------------------------------------------------------------------
 
@@ -600,93 +595,28 @@ class Tracker:
         )
         return records[0] if records else None
 
-    def close(self, timeout: float | None = 10.0, *, status: str = "FINISHED") -> None:
-        """End every run this tracker still has open (default FINISHED) and flush."""
-        for run in list(self._open):
-            if status == "KILLED":
-                run._interrupted()
-            else:
-                run.end(status, timeout=timeout)
+    def open_runs(self) -> list[Run]:
+        """The runs of this tracker that this process has not ended yet."""
+        return [run for run in _exit.open_runs() if run._tracker is self]
+
+    def close(self, timeout: float | None = None, *, status: str = "FINISHED") -> bool:
+        """End every run this tracker still has open (default FINISHED) and flush them all,
+        waiting at most ``timeout`` (default ``exit_timeout``) in total."""
+        deadline = time.monotonic() + (self.exit_timeout if timeout is None else timeout)
+        runs = self.open_runs()
+        for run in runs:
+            run._end_nowait(status)
+        return all(
+            [run._logger.flush(max(0.0, deadline - time.monotonic()), ending=True) for run in runs]
+        )
 
 
-def spec_identity_json(spec: RunSpec) -> str:
-    """The identity fields of ``spec`` (and its environment) as compact JSON."""
-    return spec.model_dump_json(include={*IDENTITY_FIELDS, "environment"}, exclude_none=True)
-
-
-def _spec_from_tags(tags: Mapping[str, str], keys: TagKeys) -> RunSpec | None:
-    """Rebuild the RunSpec of a run from its tags (for joined runs), when it has them."""
-    stored = tags.get(keys["run_spec"])
-    if stored:
-        try:
-            return RunSpec.model_validate_json(stored)
-        except ValueError:
-            pass  # written by another version: fall back to the individual tags
-    fields: dict[str, Any] = {}
-    mapping = {
-        "run_kind": "kind",
-        "model": "model",
-        "project": "project",
-        "env": "environment",
-        "storage_env": "storage_env",
-        "study_name": "study_name",
-        "study_key_hash": "study_key_hash",
-        "study_family_hash": "study_family_hash",
-        "trial_key_hash": "trial_key_hash",
-        "trial_number": "trial_number",
-        "variant": "variant",
-        "fold_idx": "fold_idx",
-        "spec_fp": "spec_fp",
-        "exec_fp": "exec_fp",
-        "conv_fp": "conv_fp",
-        "parent_training_id": "parent_training_id",
-        "benchmark_config_hash": "benchmark_config_hash",
-        "refit_protocol_fp": "refit_protocol_fp",
-        "group_id": "group_id",
-    }
-    for logical, field in mapping.items():
-        value = tags.get(keys[logical])
-        if value:
-            fields[field] = value
-    if "kind" not in fields or "model" not in fields:
-        return None
-    try:
-        return RunSpec(**fields)
-    except Exception:
-        return None
-
-
-_WATCHED: weakref.WeakSet[Tracker] = weakref.WeakSet()
-
-
-def _watch_uncaught(tracker: Tracker) -> None:
-    """End open runs FAILED (KILLED for Ctrl-C) when the program dies of an uncaught error.
-
-    sys.excepthook is Python's documented hook for this; ours calls the previous one.
-    Without it, the exit hook below would mark the runs of a crashed script FINISHED.
-    """
-    if not _WATCHED:
-        previous = sys.excepthook
-
-        def hook(
-            exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-        ) -> None:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-            for watched in list(_WATCHED):
-                try:
-                    watched.close(timeout=10.0, status=status)
-                except Exception as error:  # never hide the user's traceback
-                    log.warning("could not end open runs after an uncaught error: %s", error)
-            previous(exc_type, exc, tb)
-
-        sys.excepthook = hook
-    _WATCHED.add(tracker)
-
-
-def _end_open_runs(ref: weakref.ref[Tracker]) -> None:
-    tracker = ref()
-    if tracker is not None:
-        try:
-            tracker.close(timeout=10.0)
-        except Exception as exc:  # never fail interpreter exit
-            log.warning("could not end open runs at exit: %s", exc)
+def _seconds(
+    value: float | None, name: str, environ: Mapping[str, str], variable: str, default: float
+) -> float:
+    if value is None:
+        value = _env.read_seconds(environ, variable)
+        return default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)

@@ -93,8 +93,20 @@ class _Cli(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _timeout_option(func: F) -> F:
+    return click.option(
+        "--timeout",
+        type=Duration(),
+        default="30s",
+        show_default=True,
+        metavar="DURATION",
+        help="The most any call to the store waits, retries included: 90s, 2m.",
+    )(func)
+
+
 def _store_options(*, experiment_help: str) -> Callable[[F], F]:
     def decorate(func: F) -> F:
+        func = _timeout_option(func)
         func = click.option(
             "--experiment",
             "-e",
@@ -135,13 +147,6 @@ def cli(debug: bool) -> None:
     "--spool-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="The spool to count (default: TRAINKIT_SPOOL_DIR, else ~/.cache/trainkit-tracking/spool).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the store.",
 )
 def doctor(
     tracking_uri: str | None, experiment: str | None, spool_dir: Path | None, timeout: float
@@ -221,6 +226,7 @@ def tree(
     metric: str | None,
     ids: bool,
     use_ascii: bool,
+    timeout: float,
 ) -> None:
     """Draw the run tree with status, duration and a metric, ordered by start time."""
     from trainkit_tracking.models import validate_run_id
@@ -235,7 +241,7 @@ def tree(
             "no experiment: pass --experiment NAME or --run ID, or set MLFLOW_EXPERIMENT_NAME",
             EXIT_USAGE,
         )
-    store, _ = open_store(tracking_uri)
+    store, _ = open_store(tracking_uri, timeout)
     experiment_id = None
     if run_id is None:
         assert experiment is not None
@@ -263,13 +269,25 @@ def tree(
     help="The spool to send (default: TRAINKIT_SPOOL_DIR, else ~/.cache/trainkit-tracking/spool).",
 )
 @click.option(
-    "--tracking-uri", metavar="URI", help="Send only the records of this store (default: all)."
+    "--tracking-uri",
+    metavar="URI",
+    help="Send only the records of this store (default: all). Needed for a store whose URI "
+    "holds credentials: the spool never keeps them.",
 )
-def sync(dry_run: bool, spool_dir: Path | None, tracking_uri: str | None) -> None:
+@click.option("--experiment", "-e", help="Send only the runs of this experiment (a name or an id).")
+@_timeout_option
+def sync(
+    dry_run: bool,
+    spool_dir: Path | None,
+    tracking_uri: str | None,
+    experiment: str | None,
+    timeout: float,
+) -> None:
     """Send what ended processes left in the spool, exactly once, with a progress bar.
 
     Records go to the store recorded with them; files of live processes are skipped.
-    Exits 1 when some records could not be stored or artifacts were dropped.
+    Exits 1 when some records could not be stored (yet) or artifacts were dropped; items
+    the store refused for good are listed and never sent again.
     """
     from trainkit_tracking._cli_ops import sync_lines
     from trainkit_tracking._logging import default_spool_dir
@@ -288,7 +306,14 @@ def sync(dry_run: bool, spool_dir: Path | None, tracking_uri: str | None) -> Non
 
     directory = spool_dir or default_spool_dir()
     try:
-        report = run_sync(directory, tracking_uri=tracking_uri, dry_run=dry_run, progress=progress)
+        report = run_sync(
+            directory,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            dry_run=dry_run,
+            progress=progress,
+            timeout=timeout,
+        )
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -312,7 +337,11 @@ def sync(dry_run: bool, spool_dir: Path | None, tracking_uri: str | None) -> Non
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be ended; change nothing.")
 def reap(
-    tracking_uri: str | None, experiment: str | None, older_than: float, dry_run: bool
+    tracking_uri: str | None,
+    experiment: str | None,
+    older_than: float,
+    dry_run: bool,
+    timeout: float,
 ) -> None:
     """End RUNNING runs whose process is gone as KILLED, with code.interrupted=true.
 
@@ -329,7 +358,7 @@ def reap(
             f"{_MIN_SAFE_REAP:g}s may end runs that are still alive",
             err=True,
         )
-    store, _ = open_store(tracking_uri)
+    store, _ = open_store(tracking_uri, timeout)
     experiments = [find_experiment(store, experiment)] if experiment else all_experiments(store)
     running = find_running(store, experiments)
     label = "checking running runs" if dry_run else "reaping"

@@ -1,6 +1,23 @@
-"""The error tree of trainkit_tracking and its warning class."""
+"""The error tree of trainkit_tracking and its warning class.
+
+TrackingError
+├── PolicyError (also a ValueError)
+├── TagKeyError (also a KeyError)
+├── ParamConflictError (also a ValueError)
+└── StoreUnavailableError
+TrackingWarning (a UserWarning)
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_log = logging.getLogger("trainkit_tracking")
 
 
 class TrackingError(Exception):
@@ -20,8 +37,63 @@ class TagKeyError(TrackingError, KeyError):
 
 
 class ParamConflictError(TrackingError, ValueError):
-    """A param was logged again with a different value."""
+    """A param was logged again with a different value.
+
+    ``key``, ``old``, ``new`` and ``run_id`` say which param of which run, and both values.
+    """
+
+    def __init__(self, message: str, *, key: str, old: str, new: str, run_id: str) -> None:
+        super().__init__(message)
+        self.key, self.old, self.new, self.run_id = key, old, new, run_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields: pickle (multiprocessing) must rebuild them explicitly.
+        return (_param_conflict, (str(self), self.key, self.old, self.new, self.run_id))
+
+
+def _param_conflict(message: str, key: str, old: str, new: str, run_id: str) -> ParamConflictError:
+    return ParamConflictError(message, key=key, old=old, new=new, run_id=run_id)
+
+
+class StoreUnavailableError(TrackingError):
+    """The tracking store did not answer within the Tracker's ``timeout``.
+
+    ``uri`` (credentials masked), ``operation`` and ``waited`` (seconds) say what was tried.
+    Raised only with ``fallback_to_local=False``; otherwise the run goes to the local store.
+    """
+
+    def __init__(self, message: str, *, uri: str, operation: str, waited: float) -> None:
+        super().__init__(message)
+        self.uri, self.operation, self.waited = uri, operation, waited
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_unavailable, (str(self), self.uri, self.operation, self.waited))
+
+
+def _unavailable(message: str, uri: str, operation: str, waited: float) -> StoreUnavailableError:
+    return StoreUnavailableError(message, uri=uri, operation=operation, waited=waited)
 
 
 class TrackingWarning(UserWarning):
     """Warnings of trainkit_tracking: cut values, fallbacks, spooled data."""
+
+
+def warn(message: str) -> None:
+    """A TrackingWarning (credentials masked) attributed to the first caller outside the package.
+
+    In the worker's threads a warnings filter set to "error" must not lose data: the
+    warning then becomes a log record.
+    """
+    from trainkit_tracking._redact import redact_value
+
+    message = redact_value(message)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    if frame is not None and frame.f_code.co_filename != threading.__file__:
+        warnings.warn(message, TrackingWarning, stacklevel=level)
+        return
+    try:  # no caller outside the package: one of the worker's threads
+        warnings.warn(message, TrackingWarning, stacklevel=2)
+    except Exception:  # a filter set to "error" in a thread nobody catches for
+        _log.warning("%s", message)

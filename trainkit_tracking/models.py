@@ -16,8 +16,9 @@ _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
+# The seed's forms too: `spec-81710c33-exec-30fd8453/v2`, and no `/v<n>` (variant 1).
 _TRAINING_ID_RE = re.compile(
-    r"^spec_(?P<spec>[0-9a-fA-F]+)_exec_(?P<exec>[0-9a-fA-F]+)/v(?P<variant>\d+)$"
+    r"^spec[_-](?P<spec>[0-9a-fA-F]+)[_-]exec[_-](?P<exec>[0-9a-fA-F]+)(?:/v(?P<variant>\d+))?$"
 )
 
 
@@ -91,14 +92,17 @@ def validate_run_id(value: str, field: str = "run id") -> str:
 
 
 def parse_training_id(parent_training_id: str) -> tuple[str, str, int]:
-    """Split ``spec_<fp>_exec_<fp>/v<n>`` into lower-case spec fp, exec fp and variant."""
+    """Split ``spec_<fp>_exec_<fp>/v<n>`` into lower-case spec fp, exec fp and variant.
+
+    ``_`` or ``-`` separate the parts; without ``/v<n>`` the variant is 1.
+    """
     match = _TRAINING_ID_RE.match(parent_training_id)
     if match is None:
         raise ValueError(
-            "parent_training_id must look like 'spec_<hex>_exec_<hex>/v<n>', "
-            f"got {parent_training_id!r}"
+            "parent_training_id must look like 'spec_<hex>_exec_<hex>/v<n>' ('-' instead of "
+            f"'_' and no '/v<n>' are accepted too), got {parent_training_id!r}"
         )
-    return match["spec"].lower(), match["exec"].lower(), int(match["variant"])
+    return match["spec"].lower(), match["exec"].lower(), int(match["variant"] or 1)
 
 
 def training_id(spec_fp: str, exec_fp: str, variant: int) -> str:
