@@ -1,16 +1,18 @@
 """``trainkit-tracking doctor``: what the SDK would use here, and whether it works.
 
-Secrets in what it shows are masked (SPEC section 8).
+Secrets in what it shows are masked.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from trainkit_tracking import _env
 from trainkit_tracking._cli_common import (
@@ -95,7 +97,12 @@ def _check_store(uri: str, experiment: str | None, timeout: float, report: Repor
     if path is not None and not path.exists():
         report.add("store", f"not created yet ({path}); it is created on first use")
         if experiment:
-            report.add("experiment", f"{experiment} (created on first use)")
+            report.add("experiment", f"{experiment} (does not exist yet)")
+            report.problems.append(
+                f"experiment {experiment!r} does not exist yet: there is no store at {path}; "
+                "if you expected runs there, pass --tracking-uri or run from the directory "
+                "that holds mlruns/; else it is created when the first run starts"
+            )
         return
     if uri.startswith(("http://", "https://")):
         try:
@@ -136,7 +143,8 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
         report.problems.append(f"could not look up experiment {name!r}: {describe(exc)}")
         return
     if found is None:
-        report.add("experiment", f"{name} (not created yet; created on first use)")
+        report.add("experiment", f"{name} (does not exist yet)")
+        report.problems.append(_missing_experiment(client, name, store.tracking_uri, timeout))
     elif found.lifecycle_stage == "deleted":
         report.add("experiment", f"{name} (id {found.experiment_id}, deleted)")
         report.problems.append(
@@ -145,6 +153,24 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
         )
     else:
         report.add("experiment", f"{name} (id {found.experiment_id})")
+
+
+def _missing_experiment(client: Any, name: str, uri: str, timeout: float) -> str:
+    """The problem line for an experiment that is not in the store, with near names."""
+    try:
+        names = bounded(
+            lambda: [e.name for e in client.search_experiments(max_results=1000)],
+            timeout=timeout,
+            what="experiment list",
+        )
+    except Exception:
+        names = []
+    close = difflib.get_close_matches(name, [n for n in names if not n.startswith(".")], n=3)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    return (
+        f"experiment {name!r} does not exist yet in {redact('uri', uri)}: {hint}check the "
+        "name; if nothing was tracked to it yet, it is created when the first run starts"
+    )
 
 
 def _check_spool(spool_dir: Path | None, report: Report) -> None:
