@@ -51,3 +51,36 @@ def test_quickstart_builds_the_tree_in_the_local_store(
     # The printed tree shows every run.
     for run in runs:
         assert run.info.run_name in done.stdout
+
+
+OPTUNA_SUBPROCESS = QUICKSTART.with_name("optuna_subprocess_trials.py")
+
+
+def test_optuna_trials_with_folds_in_subprocesses(trainkit_store: TrainkitStore) -> None:
+    done = subprocess.run(
+        [sys.executable, str(OPTUNA_SUBPROCESS), "--trials", "2", "--folds", "2"],
+        cwd=trainkit_store.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(trainkit_store.uri)
+    experiment = client.get_experiment_by_name("optuna-subprocess-example")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    by_id = {r.info.run_id: r for r in runs}
+    kinds = sorted(r.data.tags["code.run_kind"] for r in runs)
+    assert kinds == ["hpo_refit", "hpo_sweep", "hpo_trial", "hpo_trial", *["hpo_trial_fold"] * 4]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    folds = [r for r in runs if r.data.tags["code.run_kind"] == "hpo_trial_fold"]
+    for fold in folds:
+        trial = by_id[fold.data.tags["mlflow.parentRunId"]]
+        assert trial.data.tags["code.run_kind"] == "hpo_trial"
+        assert fold.data.tags["code.trial_key_hash"] == trial.data.tags["code.trial_key_hash"]
+        assert "accuracy" in fold.data.metrics
+        # The parent found each fold run its subprocess created (tracker.find).
+        assert f"run {fold.info.run_id}" in done.stdout
+    sweep = next(r for r in runs if r.data.tags["code.run_kind"] == "hpo_sweep")
+    assert sweep.data.tags["best_trial_run_id"] in by_id
+    for run in runs:
+        assert run.info.run_name in done.stdout  # the printed tree

@@ -127,7 +127,7 @@ def test_a_refused_param_costs_only_itself(
     assert record.params == {"lr": "0.1", "epochs": "3"}
     assert record.tags["phase"] == "train" and record.status == "FINISHED"
     assert metric_steps(tracker.store, run.id, "loss") == list(range(100))
-    from trainkit_tracking._sync import pending
+    from trainkit_tracking import pending
 
     assert pending(spool) == 0  # nothing for `sync` to retry forever
 
@@ -287,7 +287,7 @@ def test_forked_pool_workers_lose_nothing(
         pool.close()
         pool.join()
     assert run.end(timeout=60)
-    from trainkit_tracking._sync import sync
+    from trainkit_tracking import sync
 
     sync(tmp_path / "spool")  # what a terminated worker could not send, it left spooled
     for worker in range(4):

@@ -26,6 +26,11 @@ EXPECTED_ALL = [
     "__version__",
     "detect_platform",
     "fingerprint",
+    "pending",
+    "study_key",
+    "sync",
+    "training_id",
+    "trial_key",
 ]
 
 

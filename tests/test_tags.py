@@ -359,12 +359,28 @@ def test_stage_per_kind(kind: str, stage: str) -> None:
         ({"USER": "ana", "USERNAME": "bob"}, "ana"),
         ({"USERNAME": "bob"}, "bob"),
         ({"USER": "", "USERNAME": "bob"}, "bob"),
-        ({}, "system"),
     ],
 )
 def test_created_by(environ: dict[str, str], expected: str) -> None:
     spec = RunSpec(kind="hpo_sweep", model="m")
     assert tags_of(spec, environ=environ)["code.created_by"] == expected
+
+
+def test_created_by_falls_back_to_the_os_account_then_system(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pwd
+
+    spec = RunSpec(kind="hpo_sweep", model="m")
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert account  # the test machine has an entry for its uid
+    assert tags_of(spec, environ={})["code.created_by"] == account
+
+    def no_entry(uid: int) -> object:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert tags_of(spec, environ={})["code.created_by"] == "system"
 
 
 def test_project_precedence() -> None:

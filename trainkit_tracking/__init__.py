@@ -1,6 +1,8 @@
 """trainkit_tracking: track ML training pipelines in MLflow, named, tagged and durable."""
 
-from trainkit_tracking._keys import fingerprint
+from typing import TYPE_CHECKING, Any
+
+from trainkit_tracking._keys import fingerprint, study_key, trial_key
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import detect_platform
 from trainkit_tracking._runs import Run
@@ -15,7 +17,24 @@ from trainkit_tracking.errors import (
     TrackingError,
     TrackingWarning,
 )
-from trainkit_tracking.models import Lineage, RunKind, RunSpec
+from trainkit_tracking.models import Lineage, RunKind, RunSpec, training_id
+
+if TYPE_CHECKING:
+    from trainkit_tracking._logging import pending, sync
+
+# Loaded on first use: the spool machinery is not needed to import the package.
+_LAZY = {"pending": "trainkit_tracking._logging", "sync": "trainkit_tracking._logging"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trainkit_tracking' has no attribute {name!r}")
+
 
 __all__ = [
     "Lineage",
@@ -35,4 +54,9 @@ __all__ = [
     "__version__",
     "detect_platform",
     "fingerprint",
+    "pending",
+    "study_key",
+    "sync",
+    "training_id",
+    "trial_key",
 ]

@@ -1,10 +1,11 @@
 """``trainkit-tracking doctor``: what the SDK would use here, and whether it works.
 
-Secrets in what it shows are masked (SPEC section 8).
+Secrets in what it shows are masked.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from collections.abc import Mapping
@@ -21,9 +22,11 @@ from trainkit_tracking._cli_common import (
     resolve_uri,
 )
 from trainkit_tracking._platform import detect_platform
-from trainkit_tracking._redact import redact
+from trainkit_tracking._redact import get_logger, redact
 from trainkit_tracking._store import Store, sqlite_path
 from trainkit_tracking._version import __version__
+
+log = get_logger(__name__)
 
 AZURE_HINT = 'pip install "trainkit-tracking[azure]"'
 # Variables worth showing when set; any MLFLOW_TRACKING_* (username, password, token...) too.
@@ -93,7 +96,12 @@ def _check_store(uri: str, experiment: str | None, timeout: float, report: Repor
     if path is not None and not path.exists():
         report.add("store", f"not created yet ({path}); it is created on first use")
         if experiment:
-            report.add("experiment", f"{experiment} (created on first use)")
+            report.add("experiment", f"{experiment} (does not exist yet)")
+            report.problems.append(
+                f"experiment {experiment!r} does not exist yet: there is no store at {path}; "
+                "if you expected runs there, pass --tracking-uri or run from the directory "
+                "that holds mlruns/; else it is created when the first run starts"
+            )
         return
     if uri.startswith(("http://", "https://")):
         try:
@@ -127,7 +135,8 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
         report.problems.append(f"could not look up experiment {name!r}: {describe(exc)}")
         return
     if found is None:
-        report.add("experiment", f"{name} (not created yet; created on first use)")
+        report.add("experiment", f"{name} (does not exist yet)")
+        report.problems.append(_missing_experiment(store, name))
     elif found.deleted:
         report.add("experiment", f"{name} (id {found.experiment_id}, deleted)")
         report.problems.append(
@@ -136,6 +145,21 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
         )
     else:
         report.add("experiment", f"{name} (id {found.experiment_id})")
+
+
+def _missing_experiment(store: Store, name: str) -> str:
+    """The problem line for an experiment that is not in the store, with near names."""
+    try:
+        names = [e.name for e in store.list_experiments()]
+    except Exception as exc:  # only the hint is lost; the problem is reported all the same
+        log.debug("could not list experiments for a hint: %s", exc)
+        names = []
+    close = difflib.get_close_matches(name, [n for n in names if not n.startswith(".")], n=3)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    return (
+        f"experiment {name!r} does not exist yet in {store.shown_uri}: {hint}check the "
+        "name; if nothing was tracked to it yet, it is created when the first run starts"
+    )
 
 
 def _check_spool(spool_dir: Path | None, report: Report) -> None:

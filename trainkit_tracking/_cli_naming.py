@@ -1,17 +1,21 @@
-"""The ``name`` and ``policy check`` commands' helpers: a RunSpec from options, sample names.
+"""The ``name`` and ``policy`` commands' helpers: a RunSpec from options, sample names, YAML.
 
 Errors name the option (``--trial-number``), not the RunSpec field, so users can fix them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from trainkit_tracking._cli_common import EXIT_USAGE, CliError
 from trainkit_tracking._naming import NamingPolicy
+from trainkit_tracking._tags import TagKeys
+from trainkit_tracking.errors import PolicyError
 from trainkit_tracking.models import REQUIRED_FIELDS, RunKind, RunSpec
 
 # `name` option -> RunSpec field.
@@ -107,3 +111,67 @@ def sample_names(policy: NamingPolicy) -> dict[str, str]:
                     bare, version=1, run_id=SAMPLE_RUN_ID
                 )
     return names
+
+
+_POLICY_HEADER = """\
+# The default naming policy of trainkit-tracking (`trainkit-tracking policy show`).
+# Copy this file, edit the patterns, and load it with NamingPolicy.from_yaml(path)
+# or check it with `trainkit-tracking policy check FILE`. With `extends: default`,
+# list only the kinds you change: the others keep these patterns.
+# Placeholders and the fallback rule: the Naming page of the documentation.
+"""
+_FALLBACK_COMMENT = (
+    "    # Used when spec_fp or exec_fp is missing; the Tracker renames the run right\n"
+    "    # after creation, once its MLflow id is known.\n"
+)
+
+
+def _quoted(text: str) -> str:
+    # JSON strings are YAML strings; a pattern starting with '{' must be quoted anyway.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def policy_yaml(policy: NamingPolicy, header: str = _POLICY_HEADER) -> str:
+    """``policy`` as a YAML policy file (the format ``NamingPolicy.from_yaml`` reads)."""
+    lines = [header.rstrip("\n"), f"version: {policy.version}", "kinds:"]
+    for kind, entry in policy.to_dict()["kinds"].items():
+        lines.append(f"  {kind}:")
+        lines.append(f"    pattern: {_quoted(entry['pattern'])}")
+        if "fallback" in entry:
+            lines.append(_FALLBACK_COMMENT.rstrip("\n"))
+            lines.append(f"    fallback: {_quoted(entry['fallback'])}")
+    return "\n".join(lines) + "\n"
+
+
+def tag_keys_yaml(overrides: Mapping[str, str], source: str) -> str:
+    """Tag-key overrides as a YAML file for ``TagKeys.from_yaml``."""
+    head = f"# Tag keys converted from {source} by `trainkit-tracking policy convert`.\n"
+    if not overrides:
+        return head + "# The seed's keys are this SDK's defaults: no overrides are needed.\n{}\n"
+    body = "".join(f"{name}: {_quoted(key)}\n" for name, key in sorted(overrides.items()))
+    return head + body
+
+
+def convert_file(path: Path) -> str:
+    """Our YAML for a seed ``config/naming.yaml`` or ``config/tags.yaml`` (or one of ours)."""
+    import yaml
+
+    from trainkit_tracking import _seed
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        NamingPolicy.from_yaml(path)  # raises the PolicyError that names the file and why
+        raise
+    if isinstance(data, Mapping) and ("run_names" in data or "kinds" in data):
+        policy = NamingPolicy.from_yaml(path)
+        header = f"# Naming policy converted from {path} by `trainkit-tracking policy convert`.\n"
+        return policy_yaml(policy, header)
+    if _seed.is_seed_tags(data):
+        keys = TagKeys.from_yaml(path)
+        default = TagKeys.default()
+        return tag_keys_yaml({n: k for n, k in keys.items() if default[n] != k}, str(path))
+    raise PolicyError(
+        f"{str(path)!r} is neither a naming file (with 'run_names' or 'kinds') nor a seed tag "
+        "file (sections of name -> tag key); nothing to convert"
+    )

@@ -81,6 +81,7 @@ _PLACEHOLDER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SUFFIX_DROP_RE = re.compile(r"[^A-Za-z0-9_-]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _KIND_KEYS = frozenset({"pattern", "fallback"})
+_TOP_KEYS = ("version", "extends", "kinds")
 
 # A parsed pattern: (is_placeholder, text) segments in order.
 _Segments = tuple[tuple[bool, str], ...]
@@ -236,24 +237,36 @@ class NamingPolicy(BaseModel):
 
     @classmethod
     def default(cls) -> NamingPolicy:
-        """SPEC section 4's policy (the content of docs/default-policy.yaml)."""
+        """The default policy (what ``trainkit-tracking policy show`` prints)."""
         return cls.from_dict({"version": POLICY_FORMAT_VERSION, "kinds": _DEFAULT_KINDS})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NamingPolicy:
         """Build a policy from ``{"version": 1, "kinds": {kind: {"pattern", "fallback"}}}``.
 
-        Every kind needs a pattern; raises PolicyError naming the kind and the bad part.
+        Every kind needs a pattern, unless ``"extends": "default"`` is given: then the
+        kinds not listed keep the default policy's. The seed repo's ``config/naming.yaml``
+        structure (``run_names``) is read too. Raises PolicyError naming the kind and the
+        bad part.
         """
         if not isinstance(data, Mapping):
             raise PolicyError(
                 f"a naming policy must be a mapping with 'version' and 'kinds', got {data!r}"
             )
-        unknown_keys = sorted(str(k) for k in data if k not in ("version", "kinds"))
+        from trainkit_tracking import _seed
+
+        if _seed.is_seed_naming(data):
+            data = _seed.naming_policy_dict(data)
+        unknown_keys = sorted(str(k) for k in data if k not in _TOP_KEYS)
         if unknown_keys:
             raise PolicyError(
                 f"naming policy has unknown top-level key(s) {unknown_keys!r}; "
-                "only 'version' and 'kinds' are allowed"
+                "only 'version', 'extends' and 'kinds' are allowed"
+            )
+        extends = data.get("extends")
+        if extends not in (None, "default"):
+            raise PolicyError(
+                f"naming policy 'extends' must be 'default' (or left out), got {extends!r}"
             )
         version = data.get("version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION or isinstance(version, bool):
@@ -278,21 +291,35 @@ class NamingPolicy(BaseModel):
             entries[kind] = _check_entry(kind, entry)
         for kind in RunKind:
             if kind.value not in entries:
-                raise _missing_kind(kind.value)
+                if extends != "default":
+                    raise _missing_kind(kind.value)
+                default = _DEFAULT_KINDS[kind.value]
+                entries[kind.value] = {
+                    "pattern": default["pattern"],
+                    "fallback": default.get("fallback"),
+                }
         return cls(version=POLICY_FORMAT_VERSION, kinds=entries)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> NamingPolicy:
-        """Load a policy file (the format of ``from_dict``, as YAML)."""
+        """Load a policy file (the format of ``from_dict``, as YAML; the seed's naming.yaml too)."""
         import yaml  # pyyaml is a core dependency; imported here to keep the package import cheap
 
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        where = f"naming policy file {os.fspath(path)!r}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise PolicyError(
+                f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+            ) from e
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
+            raise PolicyError(f"{where} is not valid YAML: {e}") from e
+        except RecursionError as e:
             raise PolicyError(
-                f"naming policy file {os.fspath(path)!r} is not valid YAML: {e}"
+                f"{where} is nested too deeply to be read; a naming policy is two levels deep"
             ) from e
         try:
             return cls.from_dict(data)
@@ -398,8 +425,8 @@ def _check_entry(kind: str, entry: Any) -> dict[str, Any]:
 
 def _missing_kind(kind: str) -> PolicyError:
     return PolicyError(
-        f"naming policy kind {kind!r} has no pattern: set kinds.{kind}.pattern "
-        "(docs/default-policy.yaml has every kind's default)"
+        f"naming policy kind {kind!r} has no pattern: set kinds.{kind}.pattern, or add "
+        "'extends: default' to keep the default's (`trainkit-tracking policy show` prints it)"
     )
 
 

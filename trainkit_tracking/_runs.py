@@ -96,6 +96,24 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(id={self._id!r}, name={self._name!r})"
 
+    def _repr_html_(self) -> str:
+        """How a notebook (Jupyter, Colab, Kaggle) shows the run: name, status, a link."""
+        import html
+
+        from trainkit_tracking._redact import redact_value
+
+        status = "ended" if self._ended else "open"  # what this process knows; no store query
+        url = self.url
+        link = (
+            f' <a href="{html.escape(redact_value(url))}" target="_blank">open in MLflow</a>'
+            if url
+            else ""
+        )
+        return (
+            f"<b>{html.escape(self._name or '(no name)')}</b> ({status}) "
+            f"<code>{html.escape(str(self._id))}</code>{link}"
+        )
+
     # Tree ----------------------------------------------------------------------
 
     def child(self, kind: RunKind | str, **spec_changes: Any) -> Run:

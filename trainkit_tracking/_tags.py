@@ -1,4 +1,4 @@
-"""The tag-key registry (TagKeys) and validated, redacted tag sets (TagSet) of SPEC section 5.
+"""The tag-key registry (TagKeys) and validated, redacted tag sets (TagSet) of every run.
 
 Pure: no I/O except ``TagKeys.from_yaml``, no mlflow. ``TagSet.for_spec`` is a function of
 the spec, the registry and the environment mapping it is given.
@@ -192,7 +192,7 @@ class _Frozen:
 class TagKeys(_Frozen, Mapping[str, str]):
     """The tag-key registry: logical name -> tag key. Immutable.
 
-    ``TagKeys.default()`` holds every key of SPEC section 5; ``from_dict`` and
+    ``TagKeys.default()`` holds every key the SDK writes (docs/tags.md); ``from_dict`` and
     ``from_yaml`` merge overrides over the defaults. ``keys["stage"]`` gives the key; an
     unknown logical name raises ``TagKeyError`` (a ``KeyError``).
     """
@@ -230,7 +230,7 @@ class TagKeys(_Frozen, Mapping[str, str]):
 
     @classmethod
     def default(cls) -> TagKeys:
-        """The registry of SPEC section 5."""
+        """The default registry: every key the SDK writes."""
         return _DEFAULT
 
     @classmethod
@@ -240,14 +240,36 @@ class TagKeys(_Frozen, Mapping[str, str]):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TagKeys:
-        """Load overrides from a YAML file holding a mapping of logical name -> tag key."""
+        """Load overrides from a YAML file holding a mapping of logical name -> tag key.
+
+        The seed repo's ``config/tags.yaml`` (sections of name -> tag key) is read too:
+        its names are mapped to ours, and the ones this SDK does not write are ignored.
+        """
         import yaml  # deferred: importing the package stays cheap
 
-        with open(path, encoding="utf-8") as handle:
+        where = f"tag-key file {os.fspath(path)!r}"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError as e:
+            raise TagKeyError(
+                f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+            ) from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise TagKeyError(f"{where} is not valid YAML: {e}") from e
+        except RecursionError as e:
+            raise TagKeyError(
+                f"{where} is nested too deeply to be read; a tag-key file is a flat mapping"
+            ) from e
+        from trainkit_tracking import _seed
+
+        if _seed.is_seed_tags(data):
             try:
-                data = yaml.safe_load(handle)
-            except yaml.YAMLError as e:
-                raise TagKeyError(f"tag-key file {os.fspath(path)!r} is not valid YAML: {e}") from e
+                data = _seed.tag_key_overrides(data)
+            except TagKeyError as e:
+                raise TagKeyError(f"{where}: {e}") from e
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
@@ -321,7 +343,7 @@ class TagSet(_Frozen, Mapping[str, str]):
 
     Keys follow MLflow's rules (``TagKeyError`` otherwise); values over 8000 characters
     are cut to 8000 ending in ``...`` with a ``TrackingWarning``; secrets are masked
-    (SPEC section 8). ``a | b`` merges, ``b`` wins.
+    (as everywhere in the SDK). ``a | b`` merges, ``b`` wins.
     """
 
     __slots__ = ("_tags",)
@@ -354,13 +376,13 @@ class TagSet(_Frozen, Mapping[str, str]):
         sdk_version: str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> TagSet:
-        """Build the tags of SPEC section 5 for ``spec``, except the creation-time ones.
+        """Build the tags of ``spec``, except the creation-time ones.
 
         ``mlflow.runName``, ``code.run_name`` and ``mlflow.parentRunId`` come from
         :func:`creation_tags`. ``project`` is used when the spec has none (the Tracker
         passes its project, else the experiment name; without either it is
-        ``unknown``). ``code.created_by`` is ``$USER``, else ``$USERNAME``, else
-        ``system``, read from ``environ`` (default ``os.environ``). ``spec.tags`` are
+        ``unknown``). ``code.created_by`` is ``$USER``, else ``$USERNAME`` (read from
+        ``environ``, default ``os.environ``), else the OS account name, else ``system``. ``spec.tags`` are
         merged last and may override any tag except ``code.run_key_hash``,
         ``code.run_kind`` and the creation-time ones (``TagKeyError`` when they differ).
         """
@@ -422,7 +444,21 @@ def _created_by(environ: Mapping[str, str]) -> str:
         value = environ.get(name)
         if value:
             return value
-    return "system"
+    return _os_account() or "system"
+
+
+def _os_account() -> str | None:
+    """The OS account name of this process (containers and cron often set no $USER).
+
+    From the password database rather than ``getpass.getuser()``, which would read
+    ``os.environ`` instead of the mapping ``for_spec`` was given.
+    """
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name or None
+    except (ImportError, KeyError, OSError):  # Windows, or a uid without an entry
+        return None
 
 
 def _base_tags(

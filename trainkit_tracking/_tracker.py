@@ -22,7 +22,7 @@ from trainkit_tracking._tags import TagKeys, TagSet, creation_tags
 from trainkit_tracking._version import __version__
 from trainkit_tracking._versions import Versions
 from trainkit_tracking.errors import StoreUnavailableError, TrackingError, TrackingWarning
-from trainkit_tracking.models import Lineage, RunKind, RunSpec, validate_run_id
+from trainkit_tracking.models import Lineage, RunKind, RunSpec, article, validate_run_id
 
 log = get_logger(__name__)
 
@@ -97,9 +97,36 @@ class Tracker:
         return cls(environ=environ, **kwargs)
 
     def __repr__(self) -> str:
-        uri = redact_value(self._tracking_uri or self._uri_arg or "<not resolved yet>")
-        experiment = self._experiment_name or self._experiment_arg
-        return f"Tracker(experiment={experiment!r}, tracking_uri={uri!r})"
+        store, experiment = self._shown()
+        return f"Tracker(experiment={experiment!r}, store={store!r})"
+
+    def _repr_html_(self) -> str:
+        """How a notebook shows the tracker: its experiment and store (never resolves them)."""
+        import html
+
+        store, experiment = self._shown()
+        return (
+            f"<b>Tracker</b> experiment <code>{html.escape(experiment)}</code> "
+            f"on <code>{html.escape(store)}</code>"
+        )
+
+    def _shown(self) -> tuple[str, str]:
+        # What is known without setup(): no network, no disk; credentials masked.
+        store = (
+            self._tracking_uri
+            or self._uri_arg
+            or self._environ.get(_env.MLFLOW_TRACKING_URI)
+            or "(resolved on first use)"
+        )
+        experiment = (
+            self._experiment_name
+            or self._experiment_arg
+            or self._environ.get(_env.MLFLOW_EXPERIMENT_NAME)
+            or "(not set)"
+        )
+        if self._experiment_id is not None:
+            experiment = f"{experiment} (id {self._experiment_id})"
+        return redact_value(store), experiment
 
     # Resolution ------------------------------------------------------------------
 
@@ -539,8 +566,11 @@ class Tracker:
 
     def lineage(self, run_id: str) -> Lineage:
         """The lineage a final_training run trained from this HPO trial/refit/sweep should carry."""
-        validate_run_id(run_id)
-        record = self.store.get_run(run_id)
+        try:
+            validate_run_id(run_id)
+        except ValueError as exc:
+            raise TrackingError(f"lineage() needs a run id: {exc}") from exc
+        record = self._lineage_run(run_id, "run")
         tags, keys = record.tags, self.keys
         kind = tags.get(keys["run_kind"])
         study = tags.get(keys["study_key_hash"])
@@ -565,21 +595,37 @@ class Tracker:
             )
         if kind == RunKind.HPO_SWEEP.value:
             best = tags.get("best_trial_run_id")
-            best_record = self.store.get_run(best) if best else None
+            if not best:
+                raise TrackingError(
+                    f"sweep {run_id!r} has no best trial (no 'best_trial_run_id' tag: no trial "
+                    "completed, or the sweep was not run by TrackedStudy); pass the id of the "
+                    "trial or refit run to lineage() instead"
+                )
+            best_record = self._lineage_run(best, f"the best trial of sweep {run_id!r}")
             return Lineage(
                 hpo_study_key_hash=study,
-                hpo_trial_key_hash=best_record.tags.get(keys["trial_key_hash"])
-                if best_record
-                else None,
+                hpo_trial_key_hash=best_record.tags.get(keys["trial_key_hash"]),
                 hpo_trial_run_id=best,
                 hpo_sweep_run_id=run_id,
             )
         if kind == RunKind.FINAL_TRAINING.value:
             return Lineage(source="final_training", parent_training_run_id=run_id)
+        what = f"{article(kind)} {kind}" if kind else "not a trainkit-tracking"
         raise TrackingError(
-            f"run {run_id!r} is a {kind or 'non-trainkit'} run; lineage comes from an "
+            f"run {run_id!r} is {what} run; lineage comes from an "
             "hpo_trial, hpo_refit, hpo_sweep or final_training run"
         )
+
+    def _lineage_run(self, run_id: str, what: str) -> RunRecord:
+        try:
+            return self.store.get_run(run_id)
+        except StoreUnavailableError:
+            raise  # the store did not answer: that says nothing about the run
+        except Exception as exc:
+            raise TrackingError(
+                f"{what} {run_id!r} is not in the store {redact_value(self.tracking_uri)!r}: "
+                f"{redact_value(str(exc))}; check the id (and the tracker's tracking URI)"
+            ) from exc
 
     def _trial_of_refit(self, refit: RunRecord) -> RunRecord | None:
         if refit.parent_id is None:

@@ -1,4 +1,4 @@
-"""The ``trainkit-tracking`` command line (SPEC section 9), also ``python -m trainkit_tracking``.
+"""The ``trainkit-tracking`` command line, also ``python -m trainkit_tracking``.
 
 Exit codes: 0 ok, 1 a problem found, 2 bad usage or invalid input. Errors are one line
 (``error: ...``) unless ``--debug``. mlflow is imported only by the commands that need it.
@@ -394,12 +394,52 @@ def policy_check(file: Path) -> None:
         samples = sample_names(loaded)
     except PolicyError as exc:
         raise CliError(str(exc), EXIT_PROBLEM) from exc
-    except UnicodeDecodeError as exc:
-        raise CliError(f"naming policy file {str(file)!r} is not UTF-8 text: {exc}") from exc
     click.echo(f"ok: {file} is a valid naming policy")
     width = max(len(kind) for kind in samples)
     for kind, sample in samples.items():
         click.echo(f"  {kind.ljust(width)}  {sample}")
+
+
+@policy.command("show", short_help="Print the default naming policy as YAML.")
+def policy_show() -> None:
+    """Print the default naming policy as a YAML file to start from.
+
+    Save it (`trainkit-tracking policy show > naming.yaml`), edit it, and load it with
+    NamingPolicy.from_yaml; with `extends: default` a file lists only the kinds it changes.
+    """
+    from trainkit_tracking._cli_naming import policy_yaml
+    from trainkit_tracking._naming import NamingPolicy
+
+    click.echo(policy_yaml(NamingPolicy.default()), nl=False)
+
+
+@policy.command("convert", short_help="Convert the seed repo's naming.yaml or tags.yaml.")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the result to this file (default: standard output).",
+)
+def policy_convert(file: Path, output: Path | None) -> None:
+    """Write the seed repo's config/naming.yaml or config/tags.yaml in this SDK's format.
+
+    The naming file becomes a naming policy (versions only on sweep, trial, refit and
+    benchmarking runs, as the seed did); the tag file becomes TagKeys overrides. Exits 1
+    when the file asks for names this SDK would render differently.
+    """
+    from trainkit_tracking._cli_naming import convert_file
+    from trainkit_tracking.errors import PolicyError, TagKeyError
+
+    try:
+        text = convert_file(file)
+    except (PolicyError, TagKeyError) as exc:
+        raise CliError(str(exc), EXIT_PROBLEM) from exc
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -82,6 +82,11 @@ INHERITED_FIELDS = (
 )
 
 
+def article(word: str) -> str:
+    """``an`` before a kind read with a vowel sound (``an hpo_trial``), else ``a``."""
+    return "an" if word[:1] in "aeiou" or word.startswith("hpo") else "a"
+
+
 def validate_run_id(value: str, field: str = "run id") -> str:
     """Return ``value`` when it is an MLflow run id (32 lower-case hex) or a dashed UUID."""
     if _RUN_ID_RE.match(value) or _UUID_RE.match(value):
@@ -105,9 +110,17 @@ def parse_training_id(parent_training_id: str) -> tuple[str, str, int]:
     return match["spec"].lower(), match["exec"].lower(), int(match["variant"] or 1)
 
 
-def training_id(spec_fp: str, exec_fp: str, variant: int) -> str:
-    """Return the ``spec_<fp>_exec_<fp>/v<n>`` id of a final training (for conversion specs)."""
-    return f"spec_{spec_fp}_exec_{exec_fp}/v{variant}"
+def training_id(spec_fp: str, exec_fp: str, variant: int = 1) -> str:
+    """The ``spec_<fp>_exec_<fp>/v<n>`` id of a final training: a conversion's ``parent_training_id``.
+
+    ``spec_fp`` and ``exec_fp`` are the training spec's hex fingerprints (either case);
+    raises ValueError for anything that would not parse back.
+    """
+    if isinstance(variant, bool) or not isinstance(variant, int) or variant < 1:
+        raise ValueError(f"variant must be an int >= 1, got {variant!r}")
+    value = f"spec_{spec_fp}_exec_{exec_fp}/v{variant}"
+    parse_training_id(value)
+    return value
 
 
 class Lineage(BaseModel):
@@ -206,7 +219,7 @@ class RunSpec(BaseModel):
         ]
         if missing:
             raise ValueError(
-                f"a {self.kind.value} RunSpec needs {', '.join(missing)}: "
+                f"{article(self.kind.value)} {self.kind.value} RunSpec needs {', '.join(missing)}: "
                 f"set {' and '.join(repr(m) for m in missing)} for kind {self.kind.value!r}"
             )
         if self.parent_training_id is not None and self.kind is RunKind.CONVERSION:
