@@ -168,7 +168,17 @@ class Run:
         self._tracker._forget(self)
         if not self._owns_status:
             return self._logger.end(None, timeout)
+        from trainkit_tracking._cv import at_end  # CV summary / sweep leaderboard; never raises
+
+        at_end(self, self._tracker, status, timeout)
         return self._logger.end(status, timeout)
+
+    def cv_summary(self) -> dict[str, float]:
+        """Log and return ``cv.<metric>.mean/std/min/max``, ``cv.n_folds``, ``cv.n_failed``
+        over this run's stored ``hpo_trial_fold`` children ({} when it has none)."""
+        from trainkit_tracking._cv import cv_summary
+
+        return cv_summary(self, self._tracker)
 
     def _interrupted(self) -> None:
         self._logger.set_tags({self._tracker.keys["interrupted"]: "true"})
@@ -281,6 +291,9 @@ class NoopRun(Run):
 
     def flush(self, timeout: float | None = None) -> bool:
         return True
+
+    def cv_summary(self) -> dict[str, float]:
+        return {}
 
     def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
         self._ended = True
