@@ -21,7 +21,6 @@ _FOLD = "#4c72b0"
 _MEAN = "#1f3a68"
 _BEST = "#dd8452"
 _OTHER = "#9a9a9a"
-_MAX_TITLE = 70
 
 
 # The fold dots stand in a narrow strip right of the trial's mean ± std bar.
@@ -111,10 +110,21 @@ def plot_leaderboard(board: Leaderboard, path: Path) -> None:
     axes.margins(y=0.18)
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
+    # About ten characters of a 9-10 pt title fit in an inch of figure.
+    room = int(width * 10)
     name = board.sweep.name or board.sweep.run_id
-    if len(name) > _MAX_TITLE:
-        name = name[: _MAX_TITLE - 3] + "..."
-    axes.set_title(f"{name}: {metric} per trial over its CV folds", fontsize=10, loc="left")
+    if len(name) > room:
+        name = name[: room - 3] + "..."
+    figure.suptitle(
+        f"{metric} per trial: mean ± std over its CV folds"[:room], fontsize=10, x=0.02, ha="left"
+    )
+    axes.set_title(name, fontsize=8, loc="left", color="#555555")
+    for tick, row in zip(axes.get_xticklabels(), rows, strict=False):
+        if board.best_number is not None and row.number == board.best_number:
+            tick.set_color(_BEST)
+            tick.set_fontweight("bold")
+        elif row.record.status != "FINISHED":  # pruned, failed or still running
+            tick.set_color(_OTHER)
     if seen:
         axes.legend(list(seen.values()), list(seen), fontsize=8, loc="best", frameon=False, ncols=1)
     figure.savefig(path, format="png")
