@@ -333,3 +333,17 @@ def test_tree_without_a_study_metric_uses_the_generic_list(
     sweep.end()
     text = render_tree(trainkit_store.uri, experiment_id=tracker.experiment_id)
     assert trial_lines(text)["t02"] == "val_loss=0.05 ± 0.05 (3 folds)"
+
+
+def test_other_ranks_summarise_nothing(
+    trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    tracker = Tracker("cv-rank1")
+    trial = tracker.start_run(
+        RunSpec(kind="hpo_trial", model="m", study_key_hash=STUDY, trial_number=0)
+    )
+    trial.child("hpo_trial_fold", fold_idx=0).end()
+    assert trial.cv_summary() == {}
+    trial.end()
+    assert MlflowClient(trainkit_store.uri).search_runs([tracker.experiment_id]) == []
