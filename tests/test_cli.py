@@ -305,7 +305,7 @@ def test_name_invalid_spec_exits_2_naming_the_field(args: list[str], names: list
 
 LINE = re.compile(
     r"^(?P<tree>[│├└─ ]*)(?P<name>\S+)\s+(?P<status>[A-Z]+)"
-    r"\s+(?P<dur>[\d.]+[smhd][\d]*[smh]?)(?:\s+(?P<metric>\S+))?$"
+    r"\s+(?P<dur>[\d.]+[smhd][\d]*[smh]?)(?:\s+(?P<metric>\S.*))?$"
 )
 
 
@@ -360,10 +360,10 @@ def test_tree_of_a_real_pipeline(trainkit_store: TrainkitStore) -> None:
     trial = "local_distilbert_hpo_trial_study-350a79aa"
     assert [(r["tree"], r["name"], r["status"], r["metric"]) for r in rows] == [
         ("", "local_distilbert_hpo_study-350a79aa_1", "FINISHED", None),
-        ("├── ", f"{trial}_t00_1", "FINISHED", "val_loss=0.4"),
+        ("├── ", f"{trial}_t00_1", "FINISHED", "val_loss=0.45 ± 0.071 (2 folds)"),
         ("│   ├── ", f"{trial}_t00_fold0", "FINISHED", "val_loss=0.5"),
         ("│   └── ", f"{trial}_t00_fold1", "FINISHED", "val_loss=0.4"),
-        ("├── ", f"{trial}_t01_1", "FAILED", "val_loss=1.4"),
+        ("├── ", f"{trial}_t01_1", "FAILED", "val_loss=0.44 ± 0.071 (2 folds)"),
         ("│   ├── ", f"{trial}_t01_fold0", "FINISHED", "val_loss=0.49"),
         ("│   └── ", f"{trial}_t01_fold1", "FINISHED", "val_loss=0.39"),
         ("└── ", "local_distilbert_hpo_refit_study-350a79aa_trial-7c1d02ab_t00_1", "FINISHED",

@@ -260,3 +260,63 @@ def test_importing_the_package_loads_no_framework() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_pruning_reports_and_cv_mean_objective(trainkit_store: TrainkitStore) -> None:
+    tracker = Tracker("hpo-cv")
+    # Prunes every trial whose reported value falls below 0.5 (trial 1 reports 0.2).
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=3),
+        pruner=optuna.pruners.ThresholdPruner(lower=0.5),
+    )
+    fold_scores = {0: [0.7, 0.8, 0.9], 1: [0.2, 0.9, 0.9], 2: [0.6, 0.6, 0.9]}
+
+    def objective(trial: Any, trial_run: Run) -> float:
+        assert isinstance(trial, optuna.Trial)
+        assert trial.suggest_float("lr", 1e-4, 1e-1, log=True) == trial.params["lr"]
+        for k, score in enumerate(fold_scores[trial.number]):
+            with trial_run.child("hpo_trial_fold", fold_idx=k) as fold_run:
+                fold_run.log_metric("f1", score)
+            trial.report(score, step=k)
+            with pytest.warns(UserWarning, match="already reported"):
+                trial.report(score + 1, step=k)  # Optuna ignores a step reported again; we too
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        summary: float = trial_run.cv_summary()["cv.f1.mean"]
+        return summary
+
+    with TrackedStudy(
+        tracker, study, model="m", search_space=SPACE, metric="f1", environment="local"
+    ) as ts:
+        ts.optimize(objective, n_trials=3)
+
+    assert [t.state for t in study.trials] == [
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.COMPLETE,
+    ]
+    assert study.trials[0].value == pytest.approx(0.8)
+    runs = runs_by_id(trainkit_store.uri, "hpo-cv")
+    trials = {
+        int(r.data.tags["code.hpo.trial_number"]): r
+        for r in runs.values()
+        if r.data.tags["code.run_kind"] == "hpo_trial"
+    }
+    pruned = trials[1]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["code.pruned"] == "true"
+    # The folds the pruned trial finished are summarised too.
+    assert pruned.data.metrics["cv.n_folds"] == 1.0 and pruned.data.metrics["cv.f1.mean"] == 0.2
+    client = MlflowClient(trainkit_store.uri)
+    history = client.get_metric_history(trials[0].info.run_id, "intermediate_f1")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.7), (1, 0.8), (2, 0.9)]
+    pruned_history = client.get_metric_history(pruned.info.run_id, "intermediate_f1")
+    assert [(m.step, m.value) for m in pruned_history] == [(0, 0.2)]
+    # The objective returned the CV mean; the trial logs it as the study metric.
+    assert trials[2].data.metrics["f1"] == pytest.approx(0.7)
+    assert trials[2].data.metrics["cv.f1.mean"] == pytest.approx(0.7)
+    sweep = runs[ts.sweep_run.id]
+    assert sweep.data.tags["code.hpo.metric"] == "f1"
+    assert sweep.data.tags["best_trial_number"] == "0"
+    files = {a.path for a in client.list_artifacts(ts.sweep_run.id)}
+    assert "leaderboard.csv" in files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,21 @@ def test_example_pipeline_builds_the_whole_tree(
     # Folds of every trial carry the Trainer's metrics and params.
     fold = kinds["hpo_trial_fold"][0]
     assert "eval_accuracy" in fold.data.metrics and "learning_rate" in fold.data.params
+    # The callback's per-fold eval metrics are summarised on each trial, which returned
+    # their mean to Optuna (logged as the study metric).
+    for trial in kinds["hpo_trial"]:
+        folds = [
+            f
+            for f in kinds["hpo_trial_fold"]
+            if f.data.tags["mlflow.parentRunId"] == trial.info.run_id
+        ]
+        scores = [f.data.metrics["eval_accuracy"] for f in folds]
+        assert trial.data.metrics["cv.n_folds"] == len(scores) == 2
+        assert trial.data.metrics["cv.eval_accuracy.mean"] == pytest.approx(sum(scores) / 2)
+        assert trial.data.metrics["eval_accuracy"] == trial.data.metrics["cv.eval_accuracy.mean"]
+        assert "cv.eval_loss.std" in trial.data.metrics
+    board = {"leaderboard.csv"} | ({"leaderboard.png"} if find_spec("matplotlib") else set())
+    assert board <= {a.path for a in client.list_artifacts(sweep_id)}
 
     final = runs[printed["final_training"]]
     assert "mlflow.parentRunId" not in final.data.tags

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from trainkit_tracking import _cv
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._store import RunRecord, Store
 from trainkit_tracking.errors import TrackingError
-from trainkit_tracking.models import validate_run_id
+from trainkit_tracking.models import RunKind, validate_run_id
 
-# The metric shown when none is asked for: the first of these that a run has.
-DEFAULT_METRICS = ("val_loss", "eval_loss", "loss", "accuracy")
+_TRIAL = RunKind.HPO_TRIAL.value
+_FOLD = RunKind.HPO_TRIAL_FOLD.value
+_KIND_TAG = "code.run_kind"
 
 _UNICODE = ("├── ", "└── ", "│   ", "    ")
 _ASCII = ("|-- ", "`-- ", "|   ", "    ")
@@ -69,12 +71,39 @@ def _format_value(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _metric(record: RunRecord, metric: str | None) -> str:
-    candidates: Sequence[str] = (metric,) if metric else DEFAULT_METRICS
+def _metric(record: RunRecord, candidates: Sequence[str]) -> str:
     for key in candidates:
         if key in record.metrics:
             return f"{key}={_format_value(record.metrics[key])}"
     return ""
+
+
+def _study_metric(record: RunRecord, by_id: Mapping[str, RunRecord]) -> str | None:
+    """The study metric tagged on the run or its nearest ancestor (a trial's or fold's sweep)."""
+    current: RunRecord | None = record
+    for _ in range(4):  # sweep -> trial -> fold, and a little slack
+        if current is None:
+            return None
+        if _cv.METRIC_TAG in current.tags:
+            return current.tags[_cv.METRIC_TAG]
+        current = by_id.get(current.parent_id) if current.parent_id else None
+    return None
+
+
+def _trial_metric(
+    record: RunRecord, folds: Sequence[RunRecord], candidates: Sequence[str], ascii: bool
+) -> str:
+    """``metric=mean ± std (n folds)`` over the finished folds, else the trial's own value."""
+    chosen, _ = _cv.select_folds(folds, "code.hpo.fold_idx")
+    found = _cv.score(record, chosen, candidates)
+    if found is None:
+        return ""
+    s = found.stats
+    if not found.from_folds:
+        return f"{found.metric}={_format_value(s.mean)}"
+    plus_minus = "+-" if ascii else "±"
+    folds_text = f"{s.n} fold{'s' * (s.n != 1)}"
+    return f"{found.metric}={_format_value(s.mean)} {plus_minus} {s.std:.2g} ({folds_text})"
 
 
 def _start(record: RunRecord) -> tuple[int, str]:
@@ -89,7 +118,9 @@ def _rows(
     now_ms: int,
 ) -> list[_Row]:
     children: dict[str, list[RunRecord]] = {}
+    by_id: dict[str, RunRecord] = {}
     for record in records:
+        by_id[record.run_id] = record
         if record.parent_id is not None:
             children.setdefault(record.parent_id, []).append(record)
     for kids in children.values():
@@ -104,17 +135,23 @@ def _rows(
         ):  # a parent loop cannot come from MLflow, but never recurse forever
             return
         seen.add(record.run_id)
+        kids = children.get(record.run_id, [])
+        candidates = _cv.metric_candidates(None if metric else _study_metric(record, by_id), metric)
+        if record.tags.get(_KIND_TAG) == _TRIAL:
+            folds = [k for k in kids if k.tags.get(_KIND_TAG) == _FOLD]
+            shown = _trial_metric(record, folds, candidates, chars == _ASCII)
+        else:
+            shown = _metric(record, candidates)
         rows.append(
             _Row(
                 prefix=lead + branch,
                 name=record.name or record.run_id[:8],
                 status=record.status,
                 duration=_duration(record, now_ms),
-                metric=_metric(record, metric),
+                metric=shown,
                 run_id=record.run_id,
             )
         )
-        kids = children.get(record.run_id, [])
         below = lead + ("" if not branch else (blank if branch == elbow else pipe))
         for index, kid in enumerate(kids):
             visit(kid, below, elbow if index == len(kids) - 1 else tee)
@@ -162,8 +199,10 @@ def render_tree(
 
     One line per run, children under their parent (tag ``mlflow.parentRunId``), siblings
     by start time: name, status, duration (a live run: its age so far) and ``metric``
-    (default: the first of val_loss, eval_loss, loss, accuracy that the run has). A
-    run whose parent is not in the experiment is shown as a root. ``ascii`` draws with
+    (default: the first of val_loss, eval_loss, loss, accuracy that the run has). Trial
+    rows show ``metric=mean ± std (n folds)`` over their finished fold runs (their own
+    value when they have no folds); their default metric is the study's (the sweep's tag
+    ``code.hpo.metric``), then the list above. A run whose parent is not in the experiment is shown as a root. ``ascii`` draws with
     ``|--`` instead of box characters; ``color`` styles the status (for terminals);
     ``show_ids`` adds each run's id; ``now`` (epoch seconds) fixes the clock for ages.
     """

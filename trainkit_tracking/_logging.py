@@ -226,6 +226,13 @@ class RunLogger:
             self._worker.register(self._channel)
         return self._channel
 
+    @property
+    def store_down(self) -> bool:
+        """Whether this run's store is known not to answer right now (the sender backs off,
+        or an end already waited in vain): then ending does not read from it."""
+        sender = self._worker.sender(self._channel)
+        return sender.down or sender.outage_waited
+
     def __repr__(self) -> str:
         return (
             f"RunLogger(run_id={self.run_id!r}, tracking_uri={redact_value(self.tracking_uri)!r})"

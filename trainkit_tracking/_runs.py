@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -168,9 +169,15 @@ class Run:
         """
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
+        wait = self._tracker.exit_timeout if timeout is None else timeout
+        if self._owns_status and not self._ended and not self._logger.store_down:
+            from trainkit_tracking._cv import at_end  # CV summary / leaderboard; never raises
+
+            started = time.monotonic()
+            at_end(self, self._tracker, status, wait / 2)  # half the bound at most
+            wait = max(0.0, wait - (time.monotonic() - started))
         if not self._end_nowait(status):
             return True
-        wait = self._tracker.exit_timeout if timeout is None else timeout
         try:
             return self._logger.flush(wait, ending=True)
         except KeyboardInterrupt:
@@ -194,6 +201,13 @@ class Run:
         else:
             self._logger.end_nowait(status)
         return True
+
+    def cv_summary(self) -> dict[str, float]:
+        """Log and return ``cv.<metric>.mean/std/min/max``, ``cv.n_folds``, ``cv.n_failed``
+        over this run's stored ``hpo_trial_fold`` children ({} when it has none)."""
+        from trainkit_tracking._cv import cv_summary
+
+        return cv_summary(self, self._tracker)
 
     def __enter__(self) -> Run:
         return self
@@ -286,6 +300,9 @@ class NoopRun(Run):
 
     def flush(self, timeout: float | None = None) -> bool:
         return True
+
+    def cv_summary(self) -> dict[str, float]:
+        return {}
 
     def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
         self._ended = True

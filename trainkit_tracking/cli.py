@@ -215,7 +215,8 @@ def name(kind: str, model: str, run_id: str | None, policy: Path | None, **field
 @click.option("--run", "run_id", metavar="ID", help="Draw only this run and its descendants.")
 @click.option(
     "--metric",
-    help="The metric to show (default: the first of val_loss, eval_loss, loss, accuracy).",
+    help="The metric to show (default: the first of val_loss, eval_loss, loss, accuracy; "
+    "for trials the study's metric first). Trials show mean ± std over their folds.",
 )
 @click.option("--ids", is_flag=True, help="Show each run's id.")
 @click.option("--ascii", "use_ascii", is_flag=True, help="Draw with ASCII characters only.")

@@ -45,6 +45,8 @@ Objective = Callable[[optuna.Trial, Run], "float | Sequence[float]"]
 # The user attribute of each Optuna trial that holds its run id.
 RUN_ID_ATTR = "trainkit_run_id"
 PRUNED_TAG = "code.pruned"
+# On the sweep: the study's metric, which `trainkit-tracking tree` and the leaderboard show.
+METRIC_TAG = "code.hpo.metric"
 # Read by Tracker.lineage(sweep_run_id): keep these names.
 BEST_RUN_TAG = "best_trial_run_id"
 BEST_NUMBER_TAG = "best_trial_number"
@@ -80,6 +82,33 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
     raise TypeError(f"unsupported optuna distribution for {name!r}: {distribution!r}")
 
 
+class _ReportingTrial(optuna.Trial):
+    """The trial the objective gets: ``report`` also logs the value on the trial run.
+
+    It shares its state (``__dict__``) with the trial Optuna made, so both are one trial
+    to Optuna (same storage, cache and number); only ``report`` is added to.
+    """
+
+    __slots__ = ("_trainkit_key", "_trainkit_run", "_trainkit_steps")
+
+    def __init__(self, trial: optuna.Trial, run: Run, key: str) -> None:
+        # Not Trial.__init__: it would run the sampler's before_trial a second time.
+        self.__dict__ = trial.__dict__
+        self._trainkit_run = run
+        self._trainkit_key = key
+        self._trainkit_steps: set[int] = set()
+
+    def report(self, value: float, step: int) -> None:
+        super().report(value, step)  # validates; ignores a step reported before
+        if step in self._trainkit_steps:
+            return
+        self._trainkit_steps.add(step)
+        try:
+            self._trainkit_run.log_metric(self._trainkit_key, float(value), step=int(step))
+        except (TrackingError, TypeError, ValueError) as exc:
+            log.warning("trial %s: intermediate value not logged: %s", self.number, exc)
+
+
 class TrackedStudy:
     """An Optuna study tracked as one ``hpo_sweep`` run and one ``hpo_trial`` child per trial.
 
@@ -91,9 +120,17 @@ class TrackedStudy:
 
     Trial state -> run status: complete -> FINISHED (objective value logged as
     ``metric``); pruned -> KILLED with tag ``code.pruned=true``; failed (an exception,
-    or a NaN/None value) -> FAILED. After ``optimize`` the best trial is recorded on
-    the sweep: tags ``best_trial_run_id``, ``best_trial_number``,
-    ``best_trial_key_hash`` and metric ``best_<metric>`` (single-objective studies).
+    or a NaN/None value) -> FAILED. Values the objective reports with
+    ``trial.report(value, step)`` are logged on the trial run as the step metric
+    ``intermediate_metric`` (default ``intermediate_<metric>``). After ``optimize`` the
+    best trial is recorded on the sweep: tags ``best_trial_run_id``,
+    ``best_trial_number``, ``best_trial_key_hash`` and metric ``best_<metric>``
+    (single-objective studies). The sweep is tagged ``code.hpo.metric=<metric>``.
+
+    k-fold CV: create the folds with ``trial_run.child("hpo_trial_fold", fold_idx=k)``
+    and return ``trial_run.cv_summary()[f"cv.{metric}.mean"]`` when the folds log
+    ``metric``: each trial run then carries ``cv.*`` over its folds, and the sweep's
+    leaderboard and ``trainkit-tracking tree`` show the fold spread of the same metric.
 
     Use it as a context manager (the sweep run ends when the block does), or call
     ``start()`` / ``end()``.
@@ -107,6 +144,7 @@ class TrackedStudy:
         model: str,
         search_space: Mapping[str, BaseDistribution],
         metric: str = "value",
+        intermediate_metric: str | None = None,
         study_name: str | None = None,
         study_settings: Mapping[str, Any] | None = None,
         sweep_run: Run | None = None,
@@ -116,6 +154,7 @@ class TrackedStudy:
         self.tracker = tracker
         self.study = study
         self.metric = metric
+        self.intermediate_metric = intermediate_metric or f"intermediate_{metric}"
         self.search_space = dict(search_space)
         self.study_key_hash = study_key(
             model, search_space_description(self.search_space), **dict(study_settings or {})
@@ -148,6 +187,7 @@ class TrackedStudy:
         with self._lock:
             if self._sweep is None:
                 self._sweep = self.tracker.start_run(self.sweep_spec, resume=self._resume)
+                self._sweep.set_tags({METRIC_TAG: self.metric})
                 self._sweep.log_params(
                     {
                         "search_space": {
@@ -232,9 +272,10 @@ class TrackedStudy:
             trial.set_user_attr(RUN_ID_ATTR, run.id)
         run.log_params(params)
         try:
-            value = objective(trial, run)
+            value = objective(_ReportingTrial(trial, run, self.intermediate_metric), run)
         except optuna.TrialPruned:
             run.set_tags({PRUNED_TAG: "true"})
+            _summarize_pruned(run, trial.number)
             run.end("KILLED")
             raise
         except KeyboardInterrupt:
@@ -298,6 +339,15 @@ class TrackedStudy:
     def start_refit(self, trial: optuna.trial.FrozenTrial | None = None, **changes: Any) -> Run:
         """Start the refit run of ``trial`` (default: the best) under the sweep."""
         return self.tracker.start_run(self.refit_spec(trial, **changes), parent=self.sweep_run)
+
+
+def _summarize_pruned(run: Run, number: int) -> None:
+    # A KILLED run gets no summary at its end (an interrupt must not wait for the store);
+    # a pruned trial is not an interrupt, and the folds it finished are worth a summary.
+    try:
+        run.cv_summary()
+    except Exception as exc:
+        log.warning("trial %s: no cross-validation summary: %s", number, exc)
 
 
 def _values(value: Any) -> list[float] | None:

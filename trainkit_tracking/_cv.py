@@ -1,0 +1,401 @@
+"""Cross-validation summaries of a run's fold children, and the leaderboard of a sweep.
+
+The statistics are pure functions of fold records; the rest reads folds and trials back
+from the store, so folds that ran in subprocesses or on other machines count.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import shutil
+import statistics
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainkit_tracking._store import RunRecord, Store
+from trainkit_tracking._tags import TagKeys
+from trainkit_tracking._timeout import bounded
+from trainkit_tracking.models import RunKind
+
+if TYPE_CHECKING:
+    from trainkit_tracking._runs import Run
+    from trainkit_tracking._tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cv."
+STATS = ("mean", "std", "min", "max")
+# The study's objective metric, tagged on the sweep by TrackedStudy (or by hand).
+METRIC_TAG = "code.hpo.metric"
+PRUNED_TAG = "code.pruned"
+BEST_NUMBER_TAG = "best_trial_number"
+DIRECTION_PARAM = "study_direction"
+# The metric shown when none is asked for and the sweep names none: the first a run has.
+DEFAULT_METRICS = ("val_loss", "eval_loss", "loss", "accuracy")
+LEADERBOARD_CSV = "leaderboard.csv"
+LEADERBOARD_PNG = "leaderboard.png"
+# The most a run's end spends on its summary or leaderboard when no timeout is given.
+END_TIMEOUT = 10.0
+_MAX_METRIC_KEY = 250  # MLflow's limit on metric key length
+
+
+# Pure statistics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float  # sample standard deviation; 0 for one value
+    min: float
+    max: float
+    n: int
+
+
+def stats(values: Sequence[float]) -> Stats:
+    """Mean, sample std (0 for one value), min and max; all NaN when a value is NaN."""
+    if not values:
+        raise ValueError("stats() needs at least one value")
+    if any(math.isnan(v) for v in values):
+        nan = float("nan")
+        return Stats(nan, nan, nan, nan, len(values))
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Stats(statistics.fmean(values), std, min(values), max(values), len(values))
+
+
+def _start(record: RunRecord) -> tuple[int, str]:
+    return (record.start_time or 0, record.run_id)
+
+
+def _fold_order(key: str) -> tuple[int, str]:
+    return (int(key), "") if key.isdigit() else (1 << 62, key)
+
+
+def select_folds(folds: Iterable[RunRecord], fold_key: str) -> tuple[list[RunRecord], int]:
+    """The fold runs a summary is computed over, and how many folds did not finish.
+
+    Per fold index (tag ``fold_key``; a run without one is its own fold): its newest
+    FINISHED run, so a fold run again after a failure counts once. A fold index with no
+    FINISHED run (failed, killed, or still running) counts as not finished.
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for record in folds:
+        groups.setdefault(record.tags.get(fold_key) or record.run_id, []).append(record)
+    chosen: list[RunRecord] = []
+    failed = 0
+    for key in sorted(groups, key=_fold_order):
+        done = [r for r in groups[key] if r.status == "FINISHED"]
+        if done:
+            chosen.append(max(done, key=_start))
+        else:
+            failed += 1
+    return chosen, failed
+
+
+def summarize(
+    folds: Iterable[RunRecord], *, fold_key: str = "code.hpo.fold_idx"
+) -> dict[str, float]:
+    """``cv.<metric>.mean/std/min/max`` over the last values of the finished folds,
+    plus ``cv.n_folds`` (finished) and ``cv.n_failed`` (did not finish)."""
+    chosen, failed = select_folds(folds, fold_key)
+    summary = {f"{PREFIX}n_folds": float(len(chosen)), f"{PREFIX}n_failed": float(failed)}
+    # Hardware samples (system/...) describe the machine, not the model: not summarised.
+    names = {key for record in chosen for key in record.metrics if not key.startswith("system/")}
+    for name in sorted(names):
+        keys = [f"{PREFIX}{name}.{stat}" for stat in STATS]
+        if len(keys[0]) > _MAX_METRIC_KEY or len(keys[1]) > _MAX_METRIC_KEY:
+            log.debug("fold metric %r: its cv.* keys are too long for MLflow; skipped", name)
+            continue
+        s = stats([r.metrics[name] for r in chosen if name in r.metrics])
+        summary.update(zip(keys, (s.mean, s.std, s.min, s.max), strict=True))
+    return summary
+
+
+@dataclass(frozen=True)
+class Score:
+    """A trial's main metric: its fold values (``from_folds``) or the trial's own value."""
+
+    metric: str
+    values: tuple[float, ...]
+    from_folds: bool
+
+    @property
+    def stats(self) -> Stats:
+        return stats(self.values)
+
+
+def score(trial: RunRecord, folds: Sequence[RunRecord], candidates: Sequence[str]) -> Score | None:
+    """The first of ``candidates`` that the finished ``folds`` logged, else that the trial has."""
+    for name in candidates:
+        values = tuple(f.metrics[name] for f in folds if name in f.metrics)
+        if values:
+            return Score(name, values, True)
+        if name in trial.metrics:
+            return Score(name, (trial.metrics[name],), False)
+    return None
+
+
+def metric_candidates(study_metric: str | None, asked: str | None = None) -> tuple[str, ...]:
+    """The metric asked for, else the study's metric then the generic list."""
+    if asked:
+        return (asked,)
+    if study_metric:
+        return (study_metric, *(m for m in DEFAULT_METRICS if m != study_metric))
+    return DEFAULT_METRICS
+
+
+# Reading the store --------------------------------------------------------------------
+
+
+def _children_filter(parent_id: str, kind: RunKind, keys: TagKeys) -> str:
+    return (
+        f"tags.`{keys['parent_run_id']}` = '{parent_id}' "
+        f"AND tags.`{keys['run_kind']}` = '{kind.value}'"
+    )
+
+
+def fold_records(store: Store, experiment_id: str, run_id: str, keys: TagKeys) -> list[RunRecord]:
+    """The ``hpo_trial_fold`` children of ``run_id``, as stored."""
+    return store.search([experiment_id], _children_filter(run_id, RunKind.HPO_TRIAL_FOLD, keys))
+
+
+def cv_summary(run: Run, tracker: Tracker) -> dict[str, float]:
+    """Read the fold children of ``run``, log their summary on it and return it ({} without folds)."""
+    summary = _read_summary(tracker.store, run.experiment_id, run.id, tracker.keys)
+    if summary:
+        run.log_metrics(summary)
+    return summary
+
+
+def _read_summary(store: Store, experiment_id: str, run_id: str, keys: TagKeys) -> dict[str, float]:
+    folds = fold_records(store, experiment_id, run_id, keys)
+    return summarize(folds, fold_key=keys["fold_idx"]) if folds else {}
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial of a sweep, with the fold runs its summary is computed over."""
+
+    record: RunRecord
+    number: int | None
+    folds: tuple[RunRecord, ...]
+    summary: Mapping[str, float] = field(default_factory=dict)
+    score: Score | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.record.tags.get(PRUNED_TAG) == "true"
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    sweep: RunRecord
+    rows: tuple[TrialRow, ...]
+    study_metric: str | None
+    direction: str | None  # "MAXIMIZE", "MINIMIZE" or None when unknown
+    best_number: int | None
+
+
+def _number(record: RunRecord, keys: TagKeys) -> int | None:
+    value = record.tags.get(keys["trial_number"], "")
+    return int(value) if value.isdigit() else None
+
+
+def _folds_of(
+    store: Store, experiment_id: str, trials: Sequence[RunRecord], keys: TagKeys
+) -> dict[str, list[RunRecord]]:
+    """Fold runs by trial id: one search per study hash (folds inherit it), else per trial."""
+    ids = {t.run_id for t in trials}
+    by_trial: dict[str, list[RunRecord]] = {t.run_id: [] for t in trials}
+    hashes = {t.tags.get(keys["study_key_hash"]) for t in trials}
+    for study_hash in sorted(h for h in hashes if h):
+        found = store.search(
+            [experiment_id],
+            f"tags.`{keys['run_kind']}` = '{RunKind.HPO_TRIAL_FOLD.value}' "
+            f"AND tags.`{keys['study_key_hash']}` = '{study_hash}'",
+        )
+        for fold in found:
+            if fold.parent_id in ids:
+                by_trial[fold.parent_id].append(fold)
+    for trial in trials:
+        if not trial.tags.get(keys["study_key_hash"]):
+            by_trial[trial.run_id] = fold_records(store, experiment_id, trial.run_id, keys)
+    return by_trial
+
+
+def read_leaderboard(store: Store, sweep_id: str, keys: TagKeys) -> Leaderboard:
+    """The sweep's ``hpo_trial`` children with their fold summaries and main metric."""
+    sweep = store.get_run(sweep_id)
+    trials = store.search(
+        [sweep.experiment_id], _children_filter(sweep_id, RunKind.HPO_TRIAL, keys)
+    )
+    folds = _folds_of(store, sweep.experiment_id, trials, keys)
+    study_metric = sweep.tags.get(METRIC_TAG) or None
+    candidates = metric_candidates(study_metric)
+    rows = []
+    for trial in trials:
+        chosen, _ = select_folds(folds[trial.run_id], keys["fold_idx"])
+        if folds[trial.run_id]:
+            summary: Mapping[str, float] = summarize(folds[trial.run_id], fold_key=keys["fold_idx"])
+        else:  # folds gone (deleted) or never made: what the trial logged itself, if any
+            summary = {k: v for k, v in trial.metrics.items() if k.startswith(PREFIX)}
+        rows.append(
+            TrialRow(
+                record=trial,
+                number=_number(trial, keys),
+                folds=tuple(chosen),
+                summary=summary,
+                score=score(trial, chosen, candidates),
+            )
+        )
+    rows.sort(key=lambda r: (r.number if r.number is not None else 1 << 62, *_start(r.record)))
+    direction = sweep.params.get(DIRECTION_PARAM, "").upper()
+    best_tag = sweep.tags.get(BEST_NUMBER_TAG, "")
+    board = Leaderboard(
+        sweep=sweep,
+        rows=tuple(rows),
+        study_metric=study_metric,
+        direction=direction if direction in ("MAXIMIZE", "MINIMIZE") else None,
+        best_number=int(best_tag) if best_tag.isdigit() else None,
+    )
+    if board.best_number is None and board.direction is not None:
+        board = dataclasses.replace(board, best_number=_best(board))
+    return board
+
+
+def _best(board: Leaderboard) -> int | None:
+    scored = [
+        (r.score.stats.mean, r.number)
+        for r in board.rows
+        if r.score is not None
+        and r.number is not None
+        and r.record.status == "FINISHED"
+        and not math.isnan(r.score.stats.mean)
+    ]
+    if not scored:
+        return None
+    pick = max if board.direction == "MAXIMIZE" else min
+    return pick(scored)[1]
+
+
+# Writing the leaderboard --------------------------------------------------------------
+
+
+def write_csv(board: Leaderboard, path: Path) -> None:
+    """One row per trial: number, run id, status, params, own metrics, cv mean/std."""
+    params = sorted({k for r in board.rows for k in r.record.params})
+    own = sorted({k for r in board.rows for k in r.record.metrics if not k.startswith(PREFIX)})
+    cv_names = sorted(
+        {
+            k[len(PREFIX) : -len(".mean")]
+            for r in board.rows
+            for k in r.summary
+            if k.endswith(".mean")
+        }
+    )
+    cv_columns = [f"{PREFIX}n_folds", f"{PREFIX}n_failed"] + [
+        f"{PREFIX}{name}.{stat}" for name in cv_names for stat in ("mean", "std")
+    ]
+    header = ["number", "run_id", "run_name", "status", "pruned"]
+    header += ["score_metric", "score", "score_std", "score_n"]
+    header += [f"params.{p}" for p in params] + own + cv_columns
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in board.rows:
+            rec = row.record
+            main = row.score
+            cells: list[object] = [
+                "" if row.number is None else row.number,
+                rec.run_id,
+                rec.name,
+                rec.status,
+                "true" if row.pruned else "false",
+                main.metric if main else "",
+                _cell(main.stats.mean) if main else "",
+                _cell(main.stats.std) if main and main.from_folds else "",
+                main.stats.n if main and main.from_folds else "",
+            ]
+            cells += [rec.params.get(p, "") for p in params]
+            cells += [_cell(rec.metrics.get(m)) for m in own]
+            cells += [_cell(row.summary.get(c)) for c in cv_columns]
+            writer.writerow(cells)
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def log_leaderboard(run: Run, tracker: Tracker, timeout: float) -> list[str]:
+    """Write ``leaderboard.csv`` (and, with matplotlib, ``leaderboard.png``) into the sweep.
+
+    Reads within ``timeout``; the files are uploaded by the run's logger and removed once
+    stored (left in place for ``sync`` when the upload is not done within ``timeout``).
+    """
+    # Tags set on the sweep so far (best trial, study metric) must be in the store first.
+    run.flush(timeout)
+    board = bounded(
+        lambda: read_leaderboard(tracker.store, run.id, tracker.keys),
+        timeout=timeout,
+        what="reading the sweep's trials",
+    )
+    if not board.rows:
+        return []
+    directory = Path(tempfile.mkdtemp(prefix="trainkit-leaderboard-"))
+    written = [directory / LEADERBOARD_CSV]
+    write_csv(board, written[0])
+    try:
+        import matplotlib  # noqa: F401  (the plots extra)
+    except ImportError:  # no matplotlib: the CSV alone, quietly
+        log.debug("matplotlib is not installed; no %s", LEADERBOARD_PNG)
+    else:
+        from trainkit_tracking._plots import plot_leaderboard
+
+        try:
+            plot_leaderboard(board, directory / LEADERBOARD_PNG)
+            written.append(directory / LEADERBOARD_PNG)
+        except Exception as exc:  # a broken picture must not cost the CSV
+            log.warning("sweep %s: %s not drawn: %s", run.id, LEADERBOARD_PNG, exc)
+    for path in written:
+        run.log_artifact(path)
+    if run.flush(timeout):
+        shutil.rmtree(directory, ignore_errors=True)
+    return [p.name for p in written]
+
+
+# The hook in Run.end ------------------------------------------------------------------
+
+
+def at_end(run: Run, tracker: Tracker, status: str, timeout: float | None) -> None:
+    """Before a run's end record: its CV summary, or a sweep's leaderboard. Never raises.
+
+    Skipped for runs ended KILLED (an interrupt should not wait for the store; call
+    ``run.cv_summary()`` first when it is wanted) and for fold runs themselves.
+    """
+    spec = run.spec
+    if status == "KILLED" or spec is None or spec.kind == RunKind.HPO_TRIAL_FOLD:
+        return
+    limit = END_TIMEOUT if timeout is None else max(0.0, min(END_TIMEOUT, timeout / 2))
+    try:
+        if spec.kind == RunKind.HPO_SWEEP:
+            log_leaderboard(run, tracker, limit)
+            return
+        summary = bounded(
+            lambda: _read_summary(tracker.store, run.experiment_id, run.id, tracker.keys),
+            timeout=limit,
+            what="reading the fold runs",
+        )
+        if summary:
+            run.log_metrics(summary)
+    except Exception as exc:  # a summary must never stop training or hide the run's end
+        what = "leaderboard" if spec.kind == RunKind.HPO_SWEEP else "cross-validation summary"
+        log.warning("run %s: no %s: %s", run.id, what, exc)
