@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_length_limit, _validate_tag_name
 
-from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWarning
+from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWarning, _tags
 from trainkit_tracking._tags import TagKeys, TagSet, creation_tags, validate_tag_key
 from trainkit_tracking._version import __version__
 
@@ -359,12 +359,17 @@ def test_stage_per_kind(kind: str, stage: str) -> None:
         ({"USER": "ana", "USERNAME": "bob"}, "ana"),
         ({"USERNAME": "bob"}, "bob"),
         ({"USER": "", "USERNAME": "bob"}, "bob"),
-        ({}, "system"),
+        ({}, _tags.os_account() or "system"),  # containers often set neither variable
     ],
 )
 def test_created_by(environ: dict[str, str], expected: str) -> None:
     spec = RunSpec(kind="hpo_sweep", model="m")
     assert tags_of(spec, environ=environ)["code.created_by"] == expected
+
+
+def test_created_by_without_any_account_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tags, "os_account", lambda: None)
+    assert tags_of(RunSpec(kind="hpo_sweep", model="m"), environ={})["code.created_by"] == "system"
 
 
 def test_project_precedence() -> None:

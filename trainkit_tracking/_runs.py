@@ -284,7 +284,7 @@ class NoopRun(Run):
 
     def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
         self._ended = True
-        return True
+        return self._tracker._release(self, timeout)  # its node's system metrics, if any
 
     def __enter__(self) -> Run:
         return self
@@ -295,7 +295,7 @@ class NoopRun(Run):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._ended = True
+        self.end()
 
     def subprocess_env(
         self, base: Mapping[str, str] | None = None, *, child: RunSpec | None = None

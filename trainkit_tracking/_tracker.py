@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from trainkit_tracking import _azure, _env, _rank
+from trainkit_tracking import _azure, _context, _env, _rank, _system
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import Platform, detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._runs import NoopRun, Run
@@ -66,6 +66,9 @@ class Tracker:
         workspace_name: str | None = None,
         environ: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        context: bool | None = None,
+        system_metrics: bool | None = None,
+        system_metrics_interval: float | None = None,
     ) -> None:
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
         self._experiment_arg = experiment
@@ -92,6 +95,11 @@ class Tracker:
         self._atexit_registered = False
         self._next_version: dict[tuple[str, str], int] = {}  # a hint only: claims decide
         self._intact: dict[str, bool] = {}  # per experiment: no `mlflow gc` purged claims
+        # Run context tags and system metrics (docs/context.md): env validated here.
+        self._context = _context.RunContext(self._environ, self._cwd, enabled=context)
+        self._system = _system.sampler(
+            self._environ, self._cwd, system_metrics, system_metrics_interval
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Tracker:
@@ -266,7 +274,10 @@ class Tracker:
 
     def _noop_collective(self, spec: RunSpec | None) -> Run:
         """The non-zero-rank side of a collective start_run/child/attach."""
-        return NoopRun(_rank.broadcast_run_id(None), spec, self)
+        run = NoopRun(_rank.broadcast_run_id(None), spec, self)
+        if self._system is not None:
+            self._system.add_node_leader(run, self)
+        return run
 
     def _collective(self, create: Callable[[], Run], spec: RunSpec | None) -> Run:
         """Rank 0 creates (and broadcasts the id); other ranks get a NoopRun."""
@@ -367,7 +378,7 @@ class Tracker:
         return max((int(n) for n in numbers if n.isdigit()), default=0)
 
     def _spec_tags(self, spec: RunSpec) -> TagSet:
-        return TagSet.for_spec(
+        return self._context.tags(self.keys) | TagSet.for_spec(
             spec,
             self.keys,
             project=self._project or self.experiment_name,
@@ -447,11 +458,18 @@ class Tracker:
                 atexit.register(_end_open_runs, weakref.ref(self))
                 _watch_uncaught(self)
                 self._atexit_registered = True
+        if self._system is not None:
+            self._system.add(run)
         return run
 
     def _forget(self, run: Run) -> None:
         with self._lock:
             self._open.discard(run)
+        self._release(run)
+
+    def _release(self, run: Run, timeout: float | None = None) -> bool:
+        """Stop sampling system metrics into ``run``; False if its node's metrics were not stored."""
+        return self._system.remove(run, timeout) if self._system is not None else True
 
     # Handover ----------------------------------------------------------------------
 
