@@ -138,12 +138,25 @@ def git_info(cwd: Path, timeout: float = GIT_TIMEOUT) -> GitInfo | None:
 def package_versions() -> dict[str, str]:
     """Installed versions of mlflow, torch, transformers and optuna, from metadata only."""
     versions = {}
-    for dist in VERSIONED_DISTS:
+    for name in VERSIONED_DISTS:
         try:
-            versions[dist] = importlib.metadata.version(dist)
+            dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+        versions[name] = _version(dist)
     return versions
+
+
+def _version(dist: importlib.metadata.Distribution) -> str:
+    # The Version header leads the metadata: scanning for it is several times faster than
+    # dist.version, which parses the whole file (long READMEs included) as e-mail headers.
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    for line in text.splitlines():
+        if line.startswith("Version:"):
+            return line[len("Version:") :].strip()
+        if not line:
+            break
+    return str(dist.version)
 
 
 def _in_notebook() -> bool:
