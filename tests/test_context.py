@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import RunSpec, TagKeyError, TagKeys, Tracker, TrackingError
-from trainkit_tracking._context import RunContext, git_info, source
+from trainkit_tracking._context import RunContext, git_info, keep_mlflow_tags, source
 from trainkit_tracking._tags import os_account
 from trainkit_tracking.testing import TrainkitStore
 
@@ -301,3 +301,15 @@ def test_mlflow_own_tags_cannot_be_remapped(name: str) -> None:
     with pytest.raises(TagKeyError, match=repr(name)):
         TagKeys.from_dict({name: "myorg.elsewhere"})
     assert TagKeys.from_dict({name: TagKeys.default()[name]}) == TagKeys.default()
+
+
+def test_an_adopted_run_keeps_its_own_mlflow_context() -> None:
+    keys = TagKeys.default()
+    ours = RunContext({"USER": "ana"}, None).tags(keys)
+    existing = {"mlflow.user": "azure-identity", "mlflow.source.type": "JOB", "x": "1"}
+    kept = keep_mlflow_tags(ours, existing, keys)
+    assert "mlflow.user" not in kept
+    assert "mlflow.source.type" not in kept
+    assert kept["mlflow.source.name"] == ours["mlflow.source.name"]
+    assert kept["code.host"] == ours["code.host"]
+    assert keep_mlflow_tags(ours, {"x": "1"}, keys) is ours

@@ -191,6 +191,18 @@ def source(environ: Mapping[str, str], argv: Sequence[str]) -> tuple[str, str]:
     return name, "JOB" if job else "LOCAL"
 
 
+_MLFLOW_CONTEXT = ("mlflow_user", "source_name", "source_type", "git_commit")
+
+
+def keep_mlflow_tags(tags: TagSet, existing: Mapping[str, str], keys: TagKeys) -> TagSet:
+    """``tags`` without the MLflow context tags ``existing`` already has.
+
+    For a run made by someone else (an Azure ML job's run): its user and source stay.
+    """
+    taken = {keys[name] for name in _MLFLOW_CONTEXT} & set(existing)
+    return TagSet({k: v for k, v in tags.items() if k not in taken}) if taken else tags
+
+
 class RunContext:
     """The context tags of one Tracker.
 

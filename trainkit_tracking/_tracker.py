@@ -411,7 +411,7 @@ class Tracker:
             return None
         name = record.tags.get(keys["run_name"]) if held is not None else None
         if name is None:
-            tags = self._spec_tags(spec)
+            tags = _context.keep_mlflow_tags(self._spec_tags(spec), record.tags, self.keys)
             name = spec.run_name
             if name is None and self.policy.is_versioned(spec):
                 experiment_id = record.experiment_id
