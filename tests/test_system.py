@@ -183,6 +183,30 @@ def test_a_failing_logger_does_not_stop_the_sampler(trainkit_store: TrainkitStor
     assert len(history) >= 2
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_inherit_the_parents_sampling(
+    trainkit_store: TrainkitStore,
+) -> None:
+    tracker = Tracker("sys", system_metrics=True, system_metrics_interval=0.2)
+    sampler = tracker._system
+    assert sampler is not None
+    with tracker.start_run(SPEC):
+        assert sampler._targets
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: report and leave without running any exit handler
+            state = f"{len(sampler._targets)} {sampler._stop is None} {sampler._lock.acquire(timeout=1)}"
+            os.write(write, state.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            reported = pipe.read()
+        os.waitpid(pid, 0)
+    assert reported == "0 True True"
+
+
 def test_visible_gpus() -> None:
     assert visible_gpus(None, 3) == [0, 1, 2]
     assert visible_gpus("", 3) == []

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,13 @@ class Sampler:
         self._targets: dict[Run, _Target] = {}
         self._stop: threading.Event | None = None  # the running thread's stop signal
         self.samples = 0
+        _SAMPLERS.add(self)
+
+    def _after_fork(self) -> None:
+        # The child has no sampler thread, and the parent's runs are not its to sample.
+        self._lock = threading.Lock()
+        self._targets = {}
+        self._stop = None
 
     # Runs ---------------------------------------------------------------------------
 
@@ -303,6 +312,18 @@ def _cpu_busy_total(times: Any) -> tuple[float, float]:
 
 def _nothing() -> None:
     return None
+
+
+_SAMPLERS: weakref.WeakSet[Sampler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for each in list(_SAMPLERS):
+        each._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def sampler(
