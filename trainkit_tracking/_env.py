@@ -60,8 +60,29 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 # Distributed rank, in order of precedence after torch.distributed.
 RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "LOCAL_RANK")
 
-# Distributed world (validated where read, like the ranks).
+# Run context tags and system metrics (docs/context.md).
+TRAINKIT_CONTEXT = "TRAINKIT_CONTEXT"
+TRAINKIT_CONTEXT_GIT = "TRAINKIT_CONTEXT_GIT"
+TRAINKIT_SYSTEM_METRICS = "TRAINKIT_SYSTEM_METRICS"
+TRAINKIT_SYSTEM_METRICS_INTERVAL = "TRAINKIT_SYSTEM_METRICS_INTERVAL"
+
+# Where a run ran (code.slurm.*, code.node_rank, code.world_size) and which process samples.
+SLURM_JOB_ID = "SLURM_JOB_ID"
+SLURM_ARRAY_JOB_ID = "SLURM_ARRAY_JOB_ID"
+SLURM_ARRAY_TASK_ID = "SLURM_ARRAY_TASK_ID"
+SLURM_NODEID = "SLURM_NODEID"
+SLURM_LOCALID = "SLURM_LOCALID"
+GROUP_RANK = "GROUP_RANK"
+LOCAL_RANK = "LOCAL_RANK"
 WORLD_SIZE = "WORLD_SIZE"
+DDP_VARS = ("RANK", LOCAL_RANK)  # either one set: a distributed launch
+KAGGLE_KERNEL_RUN_TYPE = KAGGLE_VARS[0]  # "Batch" for a committed notebook: a job
+
+# The notebook a Jupyter kernel runs (jupyter_server >= 2, VS Code).
+NOTEBOOK_VARS = ("JPY_SESSION_NAME", "__vsc_ipynb_file__", "IPYNB_FILE")
+
+# The GPUs this process may use.
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 def read_int(environ: Mapping[str, str], name: str, *, minimum: int = 0) -> int | None:

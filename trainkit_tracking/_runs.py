@@ -194,6 +194,7 @@ class Run:
                 return False
             self._ended = True
         _exit.release(self)
+        self._tracker._release(self, 0.0)  # system metrics stop before the end record
         if not self._owns_status:
             self._logger.end_nowait(None)
         elif status == "KILLED":
@@ -306,7 +307,7 @@ class NoopRun(Run):
 
     def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
         self._ended = True
-        return True
+        return self._tracker._release(self, timeout)  # its node's system metrics, if any
 
     def _end_nowait(self, status: str) -> bool:
         self._ended = True
@@ -321,7 +322,7 @@ class NoopRun(Run):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._ended = True
+        self.end()
 
     def subprocess_env(
         self, base: Mapping[str, str] | None = None, *, child: RunSpec | None = None

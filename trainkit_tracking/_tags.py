@@ -6,6 +6,7 @@ the spec, the registry and the environment mapping it is given.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -92,7 +93,38 @@ _DEFAULT_KEYS: dict[str, str] = {
     # Offline runs (created in the local store while the tracking store was unreachable).
     "push_to": "code.push_to",
     "remote_parent_id": "code.remote_parent_id",
+    # Run context (set by the Tracker at creation; docs/context.md): what mlflow.start_run
+    # would set, so MLflow's UI shows who and what made the run.
+    "mlflow_user": "mlflow.user",
+    "source_name": "mlflow.source.name",
+    "source_type": "mlflow.source.type",
+    "git_commit": "mlflow.source.git.commit",
+    "git_branch": "code.git.branch",
+    "git_dirty": "code.git.dirty",
+    "python_version": "code.python_version",
+    "versions_mlflow": "code.versions.mlflow",
+    "versions_torch": "code.versions.torch",
+    "versions_transformers": "code.versions.transformers",
+    "versions_optuna": "code.versions.optuna",
+    # Where the run ran.
+    "host": "code.host",
+    "pid": "code.pid",
+    "slurm_job_id": "code.slurm.job_id",
+    "slurm_array_job_id": "code.slurm.array_job_id",
+    "slurm_array_task_id": "code.slurm.array_task_id",
+    "node_rank": "code.node_rank",
+    "world_size": "code.world_size",
 }
+
+# MLflow's own tags keep their meaning: these logical names cannot be mapped elsewhere.
+FIXED = (
+    "mlflow_run_name",
+    "parent_run_id",
+    "mlflow_user",
+    "source_name",
+    "source_type",
+    "git_commit",
+)
 
 # User tags (spec.tags) may override any tag except these, which find(), the run tree
 # and the naming rules rely on; the Tracker sets the last three itself.
@@ -225,6 +257,11 @@ class TagKeys(_Frozen, Mapping[str, str]):
                     merged[name] = validate_tag_key(key)
                 except TagKeyError as e:
                     raise TagKeyError(f"logical tag name {name!r}: {e}") from e
+                if name in FIXED and key != _DEFAULT_KEYS[name]:
+                    raise TagKeyError(
+                        f"logical tag name {name!r} cannot be mapped to {key!r}: "
+                        f"{_DEFAULT_KEYS[name]!r} is MLflow's own tag; remove the override"
+                    )
         _check_unique(merged)
         object.__setattr__(self, "_keys", MappingProxyType(merged))
 
@@ -381,8 +418,8 @@ class TagSet(_Frozen, Mapping[str, str]):
         ``mlflow.runName``, ``code.run_name`` and ``mlflow.parentRunId`` come from
         :func:`creation_tags`. ``project`` is used when the spec has none (the Tracker
         passes its project, else the experiment name; without either it is
-        ``unknown``). ``code.created_by`` is ``$USER``, else ``$USERNAME`` (read from
-        ``environ``, default ``os.environ``), else the OS account name, else ``system``. ``spec.tags`` are
+        ``unknown``). ``code.created_by`` is ``$USER``, else ``$USERNAME``, read from
+        ``environ`` (default ``os.environ``), else the OS account name, else ``system``. ``spec.tags`` are
         merged last and may override any tag except ``code.run_key_hash``,
         ``code.run_kind`` and the creation-time ones (``TagKeyError`` when they differ).
         """
@@ -440,24 +477,26 @@ def creation_tags(keys: TagKeys, *, run_name: str, parent_run_id: str | None = N
 
 
 def _created_by(environ: Mapping[str, str]) -> str:
+    """``$USER``, else ``$USERNAME``, else the OS account name, else ``system``."""
     for name in _env.USER_VARS:
         value = environ.get(name)
         if value:
             return value
-    return _os_account() or "system"
+    return os_account() or "system"
 
 
-def _os_account() -> str | None:
-    """The OS account name of this process (containers and cron often set no $USER).
-
-    From the password database rather than ``getpass.getuser()``, which would read
-    ``os.environ`` instead of the mapping ``for_spec`` was given.
-    """
+@functools.cache
+def os_account() -> str | None:
+    """The name of this process's OS account (containers often set no ``$USER``), or None."""
     try:
         import pwd
 
         return pwd.getpwuid(os.getuid()).pw_name or None
-    except (ImportError, KeyError, OSError):  # Windows, or a uid without an entry
+    except (ImportError, KeyError, OSError):  # Windows, or a uid without a passwd entry
+        pass
+    try:
+        return os.getlogin() or None
+    except OSError:
         return None
 
 

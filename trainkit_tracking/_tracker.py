@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from trainkit_tracking import _azure, _env, _exit, _handover, _rank
+from trainkit_tracking import _azure, _context, _env, _exit, _handover, _rank, _system
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import Platform, detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._redact import get_logger, redact_value
@@ -55,6 +55,9 @@ class Tracker:
         workspace_name: str | None = None,
         environ: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        context: bool | None = None,
+        system_metrics: bool | None = None,
+        system_metrics_interval: float | None = None,
     ) -> None:
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
         self._experiment_arg = experiment
@@ -90,6 +93,11 @@ class Tracker:
         self._push_to: str | None = None  # offline: the store the runs are meant for (redacted)
         self._warned: set[str] = set()
         self._versions = Versions(self.keys["base_name"], self.keys["version"])
+        # Run context tags and system metrics (docs/context.md): env validated here.
+        self._context = _context.RunContext(self._environ, self._cwd, enabled=context)
+        self._system = _system.sampler(
+            self._environ, self._cwd, system_metrics, system_metrics_interval
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Tracker:
@@ -345,7 +353,10 @@ class Tracker:
 
     def _noop_collective(self, spec: RunSpec | None) -> Run:
         """The non-zero-rank side of a collective start_run/child/attach."""
-        return NoopRun(_rank.broadcast_run_id(None), spec, self)
+        run = NoopRun(_rank.broadcast_run_id(None), spec, self)
+        if self._system is not None:
+            self._system.add_node_leader(run, self)
+        return run
 
     def start_run(
         self, spec: RunSpec, *, parent: Run | str | None = None, resume: bool = False
@@ -430,7 +441,7 @@ class Tracker:
         return tags, name
 
     def _spec_tags(self, spec: RunSpec) -> TagSet:
-        return TagSet.for_spec(
+        return self._context.tags(self.keys) | TagSet.for_spec(
             spec,
             self.keys,
             project=self._project or self.experiment_name,
@@ -473,6 +484,7 @@ class Tracker:
         name = record.tags.get(keys["run_name"]) if held is not None else None
         if name is None:
             tags, name = self._named_tags(spec, record.experiment_id, None, run_id=run_id)
+            tags = _context.keep_mlflow_tags(tags, record.tags, self.keys)
             store.set_tags(run_id, tags | {keys["run_name"]: name})
             record = store.get_run(run_id)
         return self._make_run(dataclasses.replace(record, name=name), spec, owns_status=False)
@@ -508,7 +520,13 @@ class Tracker:
             spec_problem=spec_problem,
         )
         _exit.hold(run, self.exit_timeout)
+        if self._system is not None:
+            self._system.add(run)
         return run
+
+    def _release(self, run: Run, timeout: float | None = None) -> bool:
+        """Stop sampling system metrics into ``run``; False if its node's metrics were not stored."""
+        return self._system.remove(run, timeout) if self._system is not None else True
 
     # Handover ----------------------------------------------------------------------
 
