@@ -13,6 +13,7 @@ EXPECTED_ALL = [
     "NamingPolicy",
     "ParamConflictError",
     "PolicyError",
+    "PushReport",
     "Run",
     "RunKind",
     "RunSpec",
@@ -25,6 +26,7 @@ EXPECTED_ALL = [
     "__version__",
     "detect_platform",
     "fingerprint",
+    "push",
 ]
 
 

@@ -3,6 +3,7 @@
 from trainkit_tracking._keys import fingerprint
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import detect_platform
+from trainkit_tracking._push import PushReport, push
 from trainkit_tracking._runs import Run
 from trainkit_tracking._tags import TagKeys, TagSet
 from trainkit_tracking._tracker import Tracker
@@ -21,6 +22,7 @@ __all__ = [
     "NamingPolicy",
     "ParamConflictError",
     "PolicyError",
+    "PushReport",
     "Run",
     "RunKind",
     "RunSpec",
@@ -33,4 +35,5 @@ __all__ = [
     "__version__",
     "detect_platform",
     "fingerprint",
+    "push",
 ]

@@ -27,6 +27,7 @@ from trainkit_tracking._cli_common import (
     open_store,
     progressbar,
 )
+from trainkit_tracking._cli_push import push_command
 from trainkit_tracking._cli_tree import render_tree
 from trainkit_tracking._version import __version__
 from trainkit_tracking.models import RunKind
@@ -371,6 +372,9 @@ def policy_check(file: Path) -> None:
     width = max(len(kind) for kind in samples)
     for kind, sample in samples.items():
         click.echo(f"  {kind.ljust(width)}  {sample}")
+
+
+cli.add_command(push_command)
 
 
 def main(args: Sequence[str] | None = None) -> None:
