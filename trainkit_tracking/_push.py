@@ -7,23 +7,26 @@ only what the target lacks is sent; a ``code.push.sync_mark`` digest skips uncha
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import os
 import posixpath
+import queue
 import re
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from trainkit_tracking._platform import detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._redact import redact_value
-from trainkit_tracking._spool import Point, make_batches, try_lock
+from trainkit_tracking._spool import MAX_METRICS, Point, make_batches, try_lock
 from trainkit_tracking._store import TERMINAL_STATUSES, PushRun, RunRecord, Store
 from trainkit_tracking._timeout import bounded
 from trainkit_tracking.errors import TrackingError
@@ -46,8 +49,8 @@ MARK_VERSION = "1"
 # Tags that describe a run's place in the source, not the run: never copied as they are.
 _NOT_COPIED = frozenset({PUSHED_FROM, SYNC_MARK, PUSH_TO, REMOTE_PARENT, PARENT})
 _RUN_ID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})$")
-# Artifact transfers move files, not rows: they may take longer than one metadata call.
-_MIN_ARTIFACT_TIMEOUT = 600.0
+# Whole metric histories and artifact files may take longer to move than one metadata call.
+_MIN_TRANSFER_TIMEOUT = 600.0
 
 Progress = Callable[[int, int, int], None]
 """``progress(runs_done, runs_total, points_sent)``."""
@@ -139,7 +142,7 @@ def push(
     shown = redact_value(source_uri)
     _check_reachable(source_uri, timeout, role="source")
     marked_only = from_uri is None or to_uri is None
-    with _source_lock(source_uri):
+    with _source_lock(source_uri), _lanes():
         selected = _select(source, experiment, marked_only=marked_only, timeout=timeout)
         store_id = _store_id(source, create=not dry_run and bool(selected), timeout=timeout)
         report = PushReport(source=shown, store_id=store_id, dry_run=dry_run)
@@ -172,8 +175,94 @@ class _Source:
         return self.run.record.tags
 
 
+class _Pending(Generic[T]):
+    """The result of a call handed to a lane, once it is there."""
+
+    def __init__(self, call: Callable[[], T]) -> None:
+        self.call = call
+        self.done = threading.Event()
+        self.result: list[T] = []
+        self.error: list[BaseException] = []
+
+    def wait(self, timeout: float, what: str) -> T:
+        if not self.done.wait(max(timeout, 0.0)):
+            raise TimeoutError(f"{what} did not answer within {timeout:g} s")
+        if self.error:
+            raise self.error[0]
+        return self.result[0]
+
+
+class _Lane:
+    """One daemon thread that runs store calls in order, so that the caller's wait is
+    bounded (MLflow's HTTP client retries for minutes) without a thread per call; a
+    daemon, so that a call that never returns cannot hold up interpreter exit."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[_Pending[Any] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                item.result.append(item.call())
+            except BaseException as exc:
+                item.error.append(exc)
+            item.done.set()
+
+    def submit(self, call: Callable[[], T]) -> _Pending[T]:
+        pending = _Pending(call)
+        self.queue.put(pending)
+        return pending
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+
+@dataclass
+class _Lanes:
+    calls: _Lane  # every call the push waits for
+    reads: _Lane  # metric histories read ahead while the batches before them are sent
+
+    def close(self) -> None:
+        self.calls.close()
+        self.reads.close()
+
+
+_LANES: contextvars.ContextVar[_Lanes | None] = contextvars.ContextVar(
+    "trainkit_push_lanes", default=None
+)
+
+
+@contextlib.contextmanager
+def _lanes() -> Iterator[_Lanes]:
+    lanes = _Lanes(_Lane("trainkit-push"), _Lane("trainkit-push-reads"))
+    token = _LANES.set(lanes)
+    try:
+        yield lanes
+    finally:
+        _LANES.reset(token)
+        lanes.close()
+
+
 def _call(call: Callable[[], T], timeout: float, what: str) -> T:
-    return bounded(call, timeout=timeout, what=what)
+    lanes = _LANES.get()
+    if lanes is None:
+        return bounded(call, timeout=timeout, what=what)
+    return lanes.calls.submit(call).wait(timeout, what)
+
+
+def _read_ahead(call: Callable[[], T]) -> _Pending[T]:
+    lanes = _LANES.get()
+    if lanes is None:
+        pending = _Pending(call)
+        try:
+            pending.result.append(call())
+        except Exception as exc:
+            pending.error.append(exc)
+        pending.done.set()
+        return pending
+    return lanes.reads.submit(call)
 
 
 def _check_reachable(uri: str, timeout: float, *, role: str) -> None:
@@ -615,16 +704,7 @@ class _Pusher:
                     f"target run {target_id}; MLflow params cannot change, left as is"
                 )
         new_tags = {k: v for k, v in tags.items() if target.tags.get(k) != v}
-        points: list[Point] = []
-        for key in src.run.latest:
-            have = (
-                {_point_key(p) for p in self.history(self.target, target_id, key)}
-                if key in target_latest
-                else set()
-            )
-            points.extend(
-                p for p in self.history(self.source, src.id, key) if _point_key(p) not in have
-            )
+        points = self.send_points(src, target_id, target_latest, params, new_tags)
         there = (
             self._t(lambda: self.target.artifact_files(target_id), "list_artifacts")
             if files and not created
@@ -639,28 +719,85 @@ class _Pusher:
         else:
             action = "unchanged"
         if self.dry_run:
-            self.note(src, target_id, action, len(points), len(params), len(new_tags), len(copy))
-            self.counter.add(points=len(points))
+            self.note(src, target_id, action, points, len(params), len(new_tags), len(copy))
             return
-        for batch in make_batches(points, params, new_tags):
-            metrics = batch.get("m", ())
-            self._t(
-                lambda b=batch, m=metrics: self.target.log_batch(  # type: ignore[misc]
-                    target_id, metrics=m, params=b.get("p"), tags=b.get("g")
-                ),
-                "log_batch",
-            )
-            self.counter.add(points=len(metrics))
         self.copy_artifacts(src.id, target_id, copy)
         self.set_status(record, target, target_id)
         if not unresolved:  # last: a push killed before this line compares again next time
             self._t(lambda: self.target.set_tags(target_id, {SYNC_MARK: mark}), "set_tag")
-        self.note(src, target_id, action, len(points), len(params), len(new_tags), len(copy))
+        self.note(src, target_id, action, points, len(params), len(new_tags), len(copy))
+
+    def read_key(
+        self, source_id: str, target_id: str, key: str, in_target: bool
+    ) -> _Pending[list[Point]]:
+        """Read ahead the points of ``key`` that the target lacks."""
+
+        def read() -> list[Point]:
+            have = (
+                {_point_key(p) for p in self.target.metric_history(target_id, key)}
+                if in_target
+                else set()
+            )
+            points = self.source.metric_history(source_id, key)
+            return [p for p in points if _point_key(p) not in have] if have else points
+
+        return _read_ahead(read)
+
+    def send_points(
+        self,
+        src: _Source,
+        target_id: str,
+        target_latest: Mapping[str, object],
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+    ) -> int:
+        """Send the params, tags and points the target lacks, in full batches, while the
+        next key's history is read; the number of points (to send, in a dry run)."""
+        keys = list(src.run.latest)
+        limit = max(self.timeout, _MIN_TRANSFER_TIMEOUT)
+        pending: list[Point] = []
+        first: tuple[Mapping[str, str], Mapping[str, str]] | None = (params, tags)
+        total = 0
+
+        def send(cut: int) -> None:
+            nonlocal pending, first
+            chunk, pending = pending[:cut], pending[cut:]
+            extra = first or ({}, {})
+            first = None
+            for batch in make_batches(chunk, *extra):
+                metrics = batch.get("m", ())
+                self._t(
+                    lambda b=batch, m=metrics: self.target.log_batch(  # type: ignore[misc]
+                        target_id, metrics=m, params=b.get("p"), tags=b.get("g")
+                    ),
+                    "log_batch",
+                )
+                self.counter.add(points=len(metrics))
+
+        ahead = (
+            self.read_key(src.id, target_id, keys[0], keys[0] in target_latest) if keys else None
+        )
+        for index in range(len(keys)):
+            assert ahead is not None
+            new = ahead.wait(limit, "get_metric_history")
+            if index + 1 < len(keys):
+                following = keys[index + 1]
+                ahead = self.read_key(src.id, target_id, following, following in target_latest)
+            total += len(new)
+            if self.dry_run:
+                self.counter.add(points=len(new))
+                continue
+            pending.extend(new)
+            if len(pending) >= MAX_METRICS:
+                send(len(pending) - len(pending) % MAX_METRICS)
+        if not self.dry_run and (pending or first is not None):
+            send(len(pending))
+        return total
 
     def copy_artifacts(self, source_id: str, target_id: str, paths: Sequence[str]) -> None:
         if not paths:
             return
-        limit = max(self.timeout, _MIN_ARTIFACT_TIMEOUT)
+        limit = max(self.timeout, _MIN_TRANSFER_TIMEOUT)
         with tempfile.TemporaryDirectory(prefix="trainkit-push-") as tmp:
             for path in paths:
                 local = _call(

@@ -462,7 +462,7 @@ class Store:
         history = self._retry(
             lambda: self.client.get_metric_history(run_id, key), what="get_metric_history"
         )
-        return [(key, float(m.value), int(m.timestamp), int(m.step)) for m in history]
+        return [(key, m.value, m.timestamp, m.step) for m in history]
 
     def artifact_files(self, run_id: str) -> dict[str, int]:
         """Every artifact file of the run (recursively): path -> size in bytes (-1: unknown)."""
