@@ -347,6 +347,7 @@ def test_dry_run_writes_nothing(trainkit_store: TrainkitStore, target: str, tmp_
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("would create ") == len(ids)
+    assert "warning" not in result.stderr  # children map to parents that would be created
     assert f"{expected} points" in result.stdout.splitlines()[-1]
     assert MlflowClient(target).get_experiment_by_name("pipeline") is None
     # The source got no store id either: a dry run writes nowhere.

@@ -629,6 +629,7 @@ class _Pusher:
         if tags.get(PARENT) and src.tags.get(REMOTE_PARENT):
             self.check_remote_parent(src, tags[PARENT])
         if existing is None and self.dry_run:
+            self.mapping[src.id] = f"new:{src.id}"  # its children and lineage map to it
             points = sum(len(self.history(self.source, src.id, key)) for key in src.run.latest)
             self.note(src, None, "create", points, len(record.params), len(tags), len(files))
             self.counter.add(points=points)
