@@ -426,22 +426,29 @@ def test_marked_runs_go_to_their_recorded_target(
             fold.log_metric("loss", 0.5)
     with tracker.start_run(spec("hpo_trial", study_key_hash=STUDY, trial_number=9)) as unmarked:
         unmarked.log_metric("loss", 1.0)
+    local_sweep = tracker.start_run(spec("hpo_sweep", study_key_hash="bbbb0000"))
+    with local_sweep, local_sweep.child("hpo_trial", trial_number=1) as marked_child:
+        marked_child.set_tags({"code.push_to": target})  # its unmarked parent must go too
     tracker.close()
 
     report = push()  # no --from, no --to
     assert report.source == trainkit_store.uri
-    assert {r.source_run_id for r in report.runs} == {trial.id, fold.id}
+    pushed = {trial.id, fold.id, local_sweep.id, marked_child.id}
+    assert {r.source_run_id for r in report.runs} == pushed
     copies = {
         r.data.tags["code.pushed_from"].split(":")[1]: r
         for r in runs_of(target, "pipeline")
         if "code.pushed_from" in r.data.tags
     }
-    assert set(copies) == {trial.id, fold.id}
+    assert set(copies) == pushed
+    assert copies[marked_child.id].data.tags["mlflow.parentRunId"] == (
+        copies[local_sweep.id].info.run_id
+    )
     assert copies[trial.id].data.tags["mlflow.parentRunId"] == remote_sweep
     assert copies[fold.id].data.tags["mlflow.parentRunId"] == copies[trial.id].info.run_id
     assert "code.push_to" not in copies[trial.id].data.tags
     assert unmarked.id not in copies
-    assert push().unchanged == 2
+    assert push().unchanged == 4
 
 
 def test_redacted_target_needs_to(trainkit_store: TrainkitStore) -> None:
@@ -537,3 +544,28 @@ def test_source_store_id_is_stable_and_travels_with_a_copy(
     again = push(f"sqlite:///{copied}", target)
     assert again.store_id == first.store_id
     assert (again.created, again.unchanged) == (0, 1)
+
+
+def test_artifact_added_later_is_sent_once(
+    trainkit_store: TrainkitStore, target: str, tmp_path: Path
+) -> None:
+    store = Store(trainkit_store.uri)
+    run = store.create_run(store.get_or_create_experiment("pipeline"), "with-files", {})
+    first_file, later_file = tmp_path / "a.txt", tmp_path / "b.txt"
+    first_file.write_text("first\n")
+    later_file.write_text("later\n")
+    store.log_artifact(run.run_id, str(first_file), "out")
+    store.terminate(run.run_id, "FINISHED", 5000)
+    assert push(trainkit_store.uri, target).artifacts == 1
+    store.log_artifact(run.run_id, str(later_file), "out/more")  # nothing else changes
+    report = push(trainkit_store.uri, target)
+    assert (report.updated, report.artifacts, report.points) == (1, 1, 0)
+    assert push(trainkit_store.uri, target).artifacts == 0
+    (copy,) = runs_of(target, "pipeline")
+    client = MlflowClient(target)
+    assert {f.path for f in client.list_artifacts(copy.info.run_id, "out")} == {
+        "out/a.txt",
+        "out/more",
+    }
+    more = client.download_artifacts(copy.info.run_id, "out/more/b.txt", str(tmp_path / "dl"))
+    assert Path(more).read_text() == "later\n"

@@ -146,16 +146,30 @@ def push(
         selected = _select(source, experiment, marked_only=marked_only, timeout=timeout)
         store_id = _store_id(source, create=not dry_run and bool(selected), timeout=timeout)
         report = PushReport(source=shown, store_id=store_id, dry_run=dry_run)
-        groups = _group_by_target(selected, to_uri, source_uri)
-        total = sum(len(runs) for runs in groups.values())
-        counter = _Counter(total, progress)
+        groups = {
+            target: _closure(source, runs, selected, timeout)
+            for target, runs in _group_by_target(selected, to_uri, source_uri).items()
+        }
+        counter = _Counter(sum(len(runs) for runs in groups.values()), progress)
         for target_uri, runs in groups.items():
-            _check_reachable(target_uri, timeout, role="target")
+            checked = _check_target(target_uri, timeout)
             pusher = _Pusher(
-                source, Store(target_uri), store_id, report, counter, dry_run, timeout, verify
+                source, Store(checked), store_id, report, counter, dry_run, timeout, verify
             )
-            pusher.push_all(_closure(source, runs, selected, timeout))
+            pusher.push_all(runs)
     return report
+
+
+def _check_target(uri: str, timeout: float) -> str:
+    _check_reachable(uri, timeout, role="target")
+    if uri.startswith("azureml://"):
+        from trainkit_tracking import _azure
+
+        try:
+            return _azure.connect(uri, None, timeout=timeout)
+        except Exception as exc:  # AzureUnavailable says what is missing and what to do
+            raise TrackingError(f"the target {redact_value(uri)}: {exc}") from exc
+    return uri
 
 
 # Selection --------------------------------------------------------------------
