@@ -524,6 +524,7 @@ class _Pusher:
         self.experiments: dict[str, str | None] = {}
         self.index: dict[str, dict[str, PushRun]] = {}
         self.mapping: dict[str, str] = {}
+        self.missing: set[str] = set()  # source runs that are not in the target
         self.parents_checked: dict[str, bool] = {}
 
     def _t(self, call: Callable[[], T], what: str) -> T:
@@ -580,9 +581,12 @@ class _Pusher:
     def target_id_of(self, source_run_id: str) -> str | None:
         """The target id of a source run outside this push, if it was pushed before."""
         if source_run_id not in self.mapping:
+            if source_run_id in self.missing:
+                return None
             src = _read_source(self.source, source_run_id, self.timeout)
             found = None if src is None else self.find(src)
             if found is None:
+                self.missing.add(source_run_id)
                 return None
             self.mapping[source_run_id] = found.record.run_id
         return self.mapping[source_run_id]
