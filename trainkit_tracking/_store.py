@@ -459,10 +459,46 @@ class Store:
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[str, float, int, int]]:
         """Every point of metric ``key`` as (key, value, timestamp_ms, step)."""
+        rows = self._sql_history(run_id, key)
+        if rows is not None:
+            return rows
         history = self._retry(
             lambda: self.client.get_metric_history(run_id, key), what="get_metric_history"
         )
         return [(key, m.value, m.timestamp, m.step) for m in history]
+
+    def _sql_history(self, run_id: str, key: str) -> list[tuple[str, float, int, int]] | None:
+        """A SQL store's points of ``key`` read with SQLAlchemy Core from MLflow's own
+        metrics table model: several times faster than get_metric_history, which builds
+        an ORM object and an entity per point. None: not a SQL store, use the client."""
+        if getattr(self, "_push_sql", True) is False:
+            return None
+        try:
+            import sqlalchemy as sa
+            from mlflow.store.tracking.dbmodels.models import SqlMetric
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+            if not isinstance(store, SqlAlchemyStore):
+                raise TypeError(f"{type(store).__name__} is not a SQL store")
+            table: Any = SqlMetric.__table__
+            engine = store.engine
+        except Exception as exc:
+            log.debug("metric histories through the client: %s", exc)
+            self._push_sql = False
+            return None
+        columns = (table.c.value, table.c.timestamp, table.c.step, table.c.is_nan)
+        query = sa.select(*columns).where(table.c.run_uuid == run_id, table.c.key == key)
+
+        def read() -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(query).all())
+
+        nan = float("nan")
+        return [
+            (key, nan if is_nan else float(value), int(timestamp), int(step))
+            for value, timestamp, step, is_nan in self._retry(read, what="read metric history")
+        ]
 
     def artifact_files(self, run_id: str) -> dict[str, int]:
         """Every artifact file of the run (recursively): path -> size in bytes (-1: unknown)."""
