@@ -569,3 +569,44 @@ def test_artifact_added_later_is_sent_once(
     }
     more = client.download_artifacts(copy.info.run_id, "out/more/b.txt", str(tmp_path / "dl"))
     assert Path(more).read_text() == "later\n"
+
+
+def test_a_second_push_of_the_same_store_is_refused(
+    trainkit_store: TrainkitStore, target: str
+) -> None:
+    from trainkit_tracking._spool import try_lock
+
+    _one_run(trainkit_store.uri)
+    lock = trainkit_store.db_path.with_name("mlflow.db.push.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        assert try_lock(fd)  # held as a running push holds it
+        with pytest.raises(TrackingError, match=r"another push of .* is running"):
+            push(trainkit_store.uri, target)
+    finally:
+        os.close(fd)
+    assert push(trainkit_store.uri, target).created == 1
+
+
+def test_runs_keep_their_first_origin_through_a_chain_of_pushes(
+    trainkit_store: TrainkitStore, target: str, trainkit_sqlite_template: Path, tmp_path: Path
+) -> None:
+    third = tmp_path / "third" / "mlflow.db"
+    third.parent.mkdir()
+    shutil.copyfile(trainkit_sqlite_template, third)
+    third_uri = f"sqlite:///{third}"
+    tracker = Tracker("pipeline")
+    sweep = tracker.start_run(spec("hpo_sweep", study_key_hash=STUDY))
+    with sweep, sweep.child("hpo_trial", trial_number=0) as trial:
+        trial.log_metric("loss", 0.5)
+    tracker.close()
+    first = push(trainkit_store.uri, target)  # A -> B
+    via = push(target, third_uri)  # B -> C
+    assert via.created == 2
+    direct = push(trainkit_store.uri, third_uri)  # A -> C: the same runs, found again
+    assert (direct.created, direct.unchanged) == (0, 2)
+    origins = {r.data.tags["code.pushed_from"] for r in runs_of(third_uri, "pipeline")}
+    assert origins == {f"{first.store_id}:{sweep.id}", f"{first.store_id}:{trial.id}"}
+    (child,) = [r for r in runs_of(third_uri, "pipeline") if r.info.run_name == trial.name]
+    (parent,) = [r for r in runs_of(third_uri, "pipeline") if r.info.run_name == sweep.name]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id

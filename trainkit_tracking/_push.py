@@ -148,7 +148,12 @@ def _source_lock(uri: str) -> Iterator[None]:
         yield
         return
     lock = Path(path).with_name(Path(path).name + ".push.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only folder: nobody else can write there either
+        log.debug("no push lock beside %s: %s", path, exc)
+        yield
+        return
     try:
         if not try_lock(fd):
             raise TrackingError(
