@@ -415,3 +415,97 @@ def test_no_credential_anywhere_across_an_outage(
         assert record.params["db"] == server.uri.replace("http://", "http://***@")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_runs_made_while_the_server_is_down_are_pushed_by_push_with_no_arguments(
+    tmp_path: Path, trainkit_sqlite_template: Path
+) -> None:
+    import shutil
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    work = tmp_path / "work"
+    work.mkdir()
+    script = textwrap.dedent(
+        """
+        import sys
+        from trainkit_tracking import RunSpec, Tracker
+        tracker = Tracker("offline-e2e", sys.argv[1])
+        spec = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
+        with tracker.start_run(spec) as sweep:
+            for number in range(2):
+                with sweep.child("hpo_trial", trial_number=number) as trial:
+                    for step in range(20):
+                        trial.log_metric("loss", 1.0 / (step + 1), step=step)
+        print(sweep.id, tracker.offline, flush=True)
+        """
+    )
+    env = {**os.environ, "TRAINKIT_SPOOL_DIR": str(tmp_path / "spool")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, uri],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    sweep_id, offline = done.stdout.split()
+    assert offline == "True"
+    assert "trainkit-tracking push" in done.stderr  # the exit message lists the offline runs
+    doctor = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainkit_tracking",
+            "doctor",
+            "--tracking-uri",
+            uri,
+            "--timeout",
+            "3s",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "3 runs in the local store" in doctor.stdout, doctor.stdout
+    db = tmp_path / "server.db"
+    shutil.copyfile(trainkit_sqlite_template, db)
+    server = MlflowServer(f"sqlite:///{db}", tmp_path / "artifacts", port=port).start()
+    try:
+        pushed = subprocess.run(
+            [sys.executable, "-m", "trainkit_tracking", "push"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+        from trainkit_tracking._store import Store
+
+        store = Store(server.uri)
+        (experiment,) = [e for e in store.list_experiments() if e.name == "offline-e2e"]
+        runs = store.search([experiment.experiment_id])
+        assert len(runs) == 3
+        (sweep,) = [r for r in runs if r.parent_id is None]
+        assert sweep.tags["code.pushed_from"].endswith(":" + sweep_id)
+        trials = [r for r in runs if r.parent_id == sweep.run_id]
+        assert len(trials) == 2 and all(r.status == "FINISHED" for r in runs)
+        for trial in trials:
+            steps = [m.step for m in store.client.get_metric_history(trial.run_id, "loss")]
+            assert sorted(steps) == list(range(20))
+        again = subprocess.run(
+            [sys.executable, "-m", "trainkit_tracking", "push"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert again.returncode == 0 and len(store.search([experiment.experiment_id])) == 3
+    finally:
+        server.stop()

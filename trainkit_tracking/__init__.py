@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 from trainkit_tracking._keys import fingerprint, study_key, trial_key
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import detect_platform
+from trainkit_tracking._push import PushReport, push
 from trainkit_tracking._runs import Run
 from trainkit_tracking._tags import TagKeys, TagSet
 from trainkit_tracking._tracker import Tracker
@@ -41,6 +42,7 @@ __all__ = [
     "NamingPolicy",
     "ParamConflictError",
     "PolicyError",
+    "PushReport",
     "Run",
     "RunKind",
     "RunSpec",
@@ -55,6 +57,7 @@ __all__ = [
     "detect_platform",
     "fingerprint",
     "pending",
+    "push",
     "study_key",
     "sync",
     "training_id",

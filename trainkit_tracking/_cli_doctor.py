@@ -162,6 +162,31 @@ def _missing_experiment(store: Store, name: str) -> str:
     )
 
 
+def _check_offline(environ: Mapping[str, str], timeout: float, report: Report) -> None:
+    """Runs the local store holds for a push (created while the tracking store was away)."""
+    from trainkit_tracking._tracker import Tracker
+
+    local = Tracker(None, environ=environ)._local_uri()
+    path = sqlite_path(local)
+    if path is None or not path.exists():
+        return
+    try:
+        store = Store(local, timeout=timeout)
+        ids = [e.experiment_id for e in store.list_experiments()]
+        waiting = store.search(ids, "tags.`code.push_to` LIKE '%'") if ids else []
+    except Exception as exc:  # a local store that cannot be read is reported, not fatal
+        report.warnings.append(f"could not read the local store {path}: {describe(exc)}")
+        return
+    if waiting:
+        targets = sorted({r.tags["code.push_to"] for r in waiting})
+        report.add("offline runs", f"{len(waiting)} in {path}, for {', '.join(targets)}")
+        report.warnings.append(
+            f"{len(waiting)} run{'s' * (len(waiting) != 1)} in the local store {path} were "
+            "created while the tracking store did not answer: merge them with "
+            "`trainkit-tracking push` (runs pushed already are skipped)"
+        )
+
+
 def _check_spool(spool_dir: Path | None, report: Report) -> None:
     from trainkit_tracking._logging import default_spool_dir, pending
 
@@ -232,6 +257,7 @@ def doctor(
             report.add("store", "check failed")
             report.problems.append(f"checking the store failed: {describe(exc)}")
     _check_spool(spool_dir, report)
+    _check_offline(env, timeout, report)
     variables = _environment(env)
     report.add("environment", ", ".join(variables) if variables else "(no tracking variables set)")
     report.problems = [one_line(p) for p in report.problems]

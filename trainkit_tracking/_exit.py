@@ -48,6 +48,7 @@ class _State:
         self.previous_excepthook: Callable[..., Any] | None = None
         self.previous_exit: Callable[..., Any] | None = None
         self.warned = False
+        self.offline: dict[str, int] = {}  # local store -> runs created there for a push
 
 
 STATE = _State()
@@ -101,6 +102,12 @@ def warn_unsent(message: str) -> None:
             return
         STATE.warned = True
     warn(message)
+
+
+def created_offline(local_store: str) -> None:
+    """Count a run created in the local store because the tracking store did not answer."""
+    with STATE.lock:
+        STATE.offline[local_store] = STATE.offline.get(local_store, 0) + 1
 
 
 def _install() -> None:
@@ -163,6 +170,14 @@ def _at_exit() -> None:
         end_all(status, time.monotonic() + STATE.exit_timeout)
     except Exception as exc:  # never fail interpreter exit
         log.warning("could not end open runs at exit: %s", exc)
+    for local, count in STATE.offline.items():
+        from trainkit_tracking._logging import warn
+
+        warn(
+            f"{count} run{'s' * (count != 1)} of this process went to the local store {local} "
+            "because the tracking store did not answer: merge them into it with "
+            f"`trainkit-tracking push --from {local}` once it is back"
+        )
 
 
 def _after_fork_in_child() -> None:

@@ -593,6 +593,207 @@ class Store:
             timeout=max(self.timeout, ARTIFACT_TIMEOUT),
         )
 
+    # Push support ------------------------------------------------------------
+    # For _push.py (``trainkit-tracking push``): copy whole runs between stores with
+    # their original times, full metric histories and artifacts.
+
+    def find_experiment_by_name(self, name: str) -> PushExperiment | None:
+        """The experiment ``name`` (deleted ones included), or None when there is none."""
+        found = self._call(
+            lambda: self.client.get_experiment_by_name(name), what="get_experiment_by_name"
+        )
+        if found is None:
+            return None
+        return PushExperiment(
+            str(found.experiment_id),
+            str(found.name),
+            found.lifecycle_stage == "deleted",
+            dict(found.tags or {}),
+        )
+
+    def create_tagged_experiment(self, name: str, tags: Mapping[str, str]) -> str | None:
+        """Create experiment ``name`` with ``tags`` in one call; None when it already exists."""
+        try:
+            return str(
+                self._call(
+                    lambda: self.client.create_experiment(name, tags=dict(tags)),
+                    what="create_experiment",
+                )
+            )
+        except Exception as exc:
+            if error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc):
+                return None
+            raise
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self._call(
+            lambda: self.client.set_experiment_tag(experiment_id, key, value),
+            what="set_experiment_tag",
+        )
+
+    def active_experiments(self) -> list[PushExperiment]:
+        """Every active experiment (every page)."""
+        found: list[PushExperiment] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                lambda token=token: self.client.search_experiments(  # type: ignore[misc]
+                    max_results=1000, page_token=token
+                ),
+                what="search_experiments",
+            )
+            found.extend(
+                PushExperiment(str(e.experiment_id), str(e.name), False, dict(e.tags or {}))
+                for e in page
+            )
+            token = page.token
+            if not token:
+                return found
+
+    def search_latest(
+        self, experiment_ids: Sequence[str], filter_string: str = "", *, include_deleted: bool
+    ) -> list[PushRun]:
+        """Runs with their latest point per metric key (value, timestamp, step), every page."""
+        from mlflow.entities import ViewType
+
+        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+        found: list[PushRun] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                lambda token=token: self.client.search_runs(  # type: ignore[misc]
+                    list(experiment_ids),
+                    filter_string=filter_string,
+                    run_view_type=view,
+                    max_results=1000,
+                    order_by=["attributes.start_time ASC"],
+                    page_token=token,
+                ),
+                what="search_runs",
+            )
+            for run in page:
+                # RunData keeps the Metric objects of the latest points in _metric_objs
+                # (mlflow/entities/run_data.py); .metrics only has their values.
+                objs = getattr(run.data, "_metric_objs", None) or []
+                latest = {str(m.key): (float(m.value), int(m.timestamp), int(m.step)) for m in objs}
+                deleted = run.info.lifecycle_stage == "deleted"
+                found.append(PushRun(_record(run), latest, deleted))
+            token = page.token
+            if not token:
+                return found
+
+    def create_run_at(
+        self, experiment_id: str, run_name: str, tags: Mapping[str, str], start_time: int | None
+    ) -> RunRecord:
+        run = self._call(
+            lambda: self.client.create_run(
+                experiment_id, start_time=start_time, tags=dict(tags), run_name=run_name
+            ),
+            what="create_run",
+        )
+        return _record(run)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[str, float, int, int]]:
+        """Every point of metric ``key`` as (key, value, timestamp_ms, step)."""
+        rows = self._sql_history(run_id, key)
+        if rows is not None:
+            return rows
+        history = self._call(
+            lambda: self.client.get_metric_history(run_id, key),
+            what="get_metric_history",
+            timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+        )
+        return [(key, m.value, m.timestamp, m.step) for m in history]
+
+    def _sql_history(self, run_id: str, key: str) -> list[tuple[str, float, int, int]] | None:
+        """A SQL store's points of ``key`` read with SQLAlchemy Core from MLflow's own
+        metrics table model: several times faster than get_metric_history, which builds
+        an ORM object and an entity per point. None: not a SQL store, use the client."""
+        if getattr(self, "_push_sql", True) is False:
+            return None
+        try:
+            import sqlalchemy as sa
+            from mlflow.store.tracking.dbmodels.models import SqlMetric
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = getattr(getattr(self.client, "_tracking_client", None), "store", None)
+            if not isinstance(store, SqlAlchemyStore):
+                raise TypeError(f"{type(store).__name__} is not a SQL store")
+            table: Any = SqlMetric.__table__
+            engine = store.engine
+        except Exception as exc:
+            log.debug("metric histories through the client: %s", exc)
+            self._push_sql = False
+            return None
+        columns = (table.c.value, table.c.timestamp, table.c.step, table.c.is_nan)
+        query = sa.select(*columns).where(table.c.run_uuid == run_id, table.c.key == key)
+
+        def read() -> list[Any]:
+            with engine.connect() as conn:
+                return list(conn.execute(query).all())
+
+        nan = float("nan")
+        return [
+            (key, nan if is_nan else float(value), int(timestamp), int(step))
+            for value, timestamp, step, is_nan in self._call(
+                read, what="read metric history", timeout=max(self.timeout, ARTIFACT_TIMEOUT)
+            )
+        ]
+
+    def artifact_files(self, run_id: str) -> dict[str, int]:
+        """Every artifact file of the run (recursively): path -> size in bytes (-1: unknown)."""
+        files: dict[str, int] = {}
+        pending: list[str | None] = [None]
+        while pending:
+            folder = pending.pop()
+            entries = self._call(
+                lambda folder=folder: self.client.list_artifacts(run_id, folder),  # type: ignore[misc]
+                what="list_artifacts",
+                timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+            )
+            for entry in entries:
+                if entry.is_dir:
+                    pending.append(str(entry.path))
+                else:
+                    size = entry.file_size
+                    files[str(entry.path)] = -1 if size is None else int(size)
+        return files
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: str) -> str:
+        return str(
+            self._call(
+                lambda: self.client.download_artifacts(run_id, path, dst_dir),
+                what="download_artifacts",
+                timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+            )
+        )
+
+    def upload_artifact(self, run_id: str, local_path: str, artifact_dir: str | None) -> None:
+        self._call(
+            lambda: self.client.log_artifact(run_id, local_path, artifact_dir),
+            what="log_artifact",
+            timeout=max(self.timeout, ARTIFACT_TIMEOUT),
+        )
+
+
+@dataclass(frozen=True)
+class PushExperiment:
+    """An experiment as push sees it (Push support)."""
+
+    experiment_id: str
+    name: str
+    deleted: bool
+    tags: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class PushRun:
+    """A run with its latest point per metric key: (value, timestamp, step) (Push support)."""
+
+    record: RunRecord
+    latest: Mapping[str, tuple[float, int, int]]
+    deleted: bool
+
 
 _hide_queue: queue.SimpleQueue[tuple[Store, str] | None] = queue.SimpleQueue()
 _hide_thread: threading.Thread | None = None

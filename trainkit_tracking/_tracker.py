@@ -409,6 +409,8 @@ class Tracker:
         if remote_parent is not None:
             tags = tags | {keys["remote_parent_id"]: remote_parent}
         record = store.create_run(experiment_id, name, tags)
+        if self._push_to is not None:
+            _exit.created_offline(self.tracking_uri)
         if spec.run_name is None and name_override is None and self.policy.needs_run_id(spec):
             final = redact_value(self.policy.render(spec, run_id=record.run_id))
             store.rename_run(record.run_id, final)

@@ -27,6 +27,7 @@ from trainkit_tracking._cli_common import (
     open_store,
     progressbar,
 )
+from trainkit_tracking._cli_push import push_command
 from trainkit_tracking._cli_tree import render_tree
 from trainkit_tracking._version import __version__
 from trainkit_tracking.models import RunKind
@@ -441,6 +442,9 @@ def policy_convert(file: Path, output: Path | None) -> None:
     else:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
+
+
+cli.add_command(push_command)
 
 
 def main(args: Sequence[str] | None = None) -> None:
