@@ -159,7 +159,11 @@ def end_all(status: str, deadline: float) -> bool:
             run._end_nowait(status)
         except Exception as exc:  # one run's failure must not keep the others open
             log.warning("could not end run %s at exit: %s", run.id, exc)
-    return shutdown_worker(deadline)
+    ok = shutdown_worker(deadline)
+    for run in runs:  # shared runs: the last live holder sets the status
+        if run._holder is not None:
+            ok = run._release_hold(status, deadline) and ok
+    return ok
 
 
 def _at_exit() -> None:

@@ -179,6 +179,7 @@ class RunLogger:
         heartbeat_interval: float = 30.0,
         heartbeat_tag: str = "code.heartbeat",
         timeout: float = 30.0,
+        holder_tag: str | None = None,
     ) -> None:
         if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
@@ -189,6 +190,7 @@ class RunLogger:
         self._heartbeat_interval = float(heartbeat_interval)
         self._heartbeat_tag = heartbeat_tag
         self._timeout = float(timeout)
+        self._holder_tag = holder_tag
         self._params: dict[str, str] = dict(known_params or {})
         self._lock = threading.Lock()
         self._ended = False
@@ -208,6 +210,7 @@ class RunLogger:
             heartbeat_tag=self._heartbeat_tag,
             heartbeat=heartbeat,
             timeout=self._timeout,
+            holder_tag=self._holder_tag if heartbeat else None,
         )
         self._worker = get_worker()
         self._worker.register(channel)

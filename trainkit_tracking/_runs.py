@@ -46,6 +46,7 @@ class Run:
         logger: RunLogger,
         owns_status: bool,
         spec_problem: str | None = None,
+        holder: str | None = None,
     ) -> None:
         self._tracker = tracker
         self._id = run_id
@@ -56,6 +57,7 @@ class Run:
         self._logger = logger
         self._owns_status = owns_status
         self._spec_problem = spec_problem
+        self._holder = holder  # shared run (resume=True): this process's holder tag
         self._ended = False
         self._lock = threading.Lock()
 
@@ -176,16 +178,53 @@ class Run:
             started = time.monotonic()
             at_end(self, self._tracker, status, wait / 2)  # half the bound at most
             wait = max(0.0, wait - (time.monotonic() - started))
+        deadline = time.monotonic() + wait
         if not self._end_nowait(status):
             return True
         try:
-            return self._logger.flush(wait, ending=True)
+            ok = self._logger.flush(wait, ending=True)
         except KeyboardInterrupt:
-            if self._owns_status and status != "KILLED":
+            if self._owns_status and status != "KILLED" and self._holder is None:
                 self._logger.end_nowait(
                     "KILLED", override=True, tags={self._tracker.keys["interrupted"]: "true"}
                 )
             raise
+        if self._holder is not None:
+            ok = self._release_hold(status, deadline) and ok
+        return ok
+
+    def _release_hold(self, status: str, deadline: float) -> bool:
+        """A shared run: drop this process's hold; the last live holder sets the status.
+
+        Needs the store now; when it does not answer, the hold just goes stale (the other
+        holders, or `trainkit-tracking reap`, end the run).
+        """
+        from trainkit_tracking import _shared
+        from trainkit_tracking._timeout import bounded
+
+        holder, self._holder = self._holder, None
+        if holder is None or self._logger.store_down:
+            return holder is None
+        tracker = self._tracker
+        try:
+            return bounded(
+                lambda: (
+                    _shared.release(
+                        tracker.store,
+                        self._id,
+                        holder,
+                        tracker.keys,
+                        status,
+                        stale_after=tracker.holder_timeout,
+                    )
+                    or True
+                ),
+                timeout=max(0.0, deadline - time.monotonic()),
+                what="releasing the shared run",
+            )
+        except Exception as exc:  # never fail the end over it: the hold goes stale
+            log.warning("could not release shared run %s: %s", self._id, exc)
+            return False
 
     def _end_nowait(self, status: str) -> bool:
         """Queue the end (KILLED: with ``code.interrupted=true``); False if already ended."""
@@ -195,8 +234,8 @@ class Run:
             self._ended = True
         _exit.release(self)
         self._tracker._release(self, 0.0)  # system metrics stop before the end record
-        if not self._owns_status:
-            self._logger.end_nowait(None)
+        if not self._owns_status or self._holder is not None:
+            self._logger.end_nowait(None)  # a shared run: its last holder sets the status
         elif status == "KILLED":
             self._logger.end_nowait(status, tags={self._tracker.keys["interrupted"]: "true"})
         else:
@@ -262,6 +301,7 @@ class NoopRun(Run):
         self._experiment_id = ""
         self._owns_status = False
         self._spec_problem = None
+        self._holder = None
         self._ended = False
         self._lock = threading.Lock()
 

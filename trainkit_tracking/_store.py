@@ -402,6 +402,33 @@ class Store:
             _hide_later(self, str(claim_id))
             return version
 
+    def try_claim(self, experiment_id: str, what: str, number: int) -> bool:
+        """Claim ``number`` of ``what`` in the experiment: True for exactly one caller.
+
+        The primitive of the version claims (a hidden experiment whose name is unique),
+        used for race-free get-or-create: every caller that saw the same state claims the
+        same number, and only the one whose creation succeeded goes on to create.
+        """
+        name = claim_experiment_name(experiment_id, what, number)
+        try:
+            claim_id = self._call(lambda: self.client.create_experiment(name), what="claim")
+        except Exception as exc:
+            if is_already_exists(exc):
+                return False
+            raise
+        _hide_later(self, str(claim_id))
+        return True
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        def call() -> None:
+            try:
+                self.client.delete_tag(run_id, key)
+            except Exception as exc:  # already gone: what we wanted
+                if error_code(exc) != "RESOURCE_DOES_NOT_EXIST" and "No tag" not in str(exc):
+                    raise
+
+        self._call(call, what="delete_tag")
+
     def claims_intact(self, experiment_id: str, version_tag: str) -> bool:
         """Whether every version claim of the experiment is still in the store.
 

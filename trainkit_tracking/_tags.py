@@ -92,6 +92,8 @@ _DEFAULT_KEYS: dict[str, str] = {
     "run_spec": "code.run_spec",
     # Offline runs (created in the local store while the tracking store was unreachable).
     "push_to": "code.push_to",
+    # A run several processes hold (resume=True): one tag per holder, its heartbeat.
+    "holder_prefix": "code.holder",
     "remote_parent_id": "code.remote_parent_id",
     # Run context (set by the Tracker at creation; docs/context.md): what mlflow.start_run
     # would set, so MLflow's UI shows who and what made the run.

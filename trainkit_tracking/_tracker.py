@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from trainkit_tracking import _azure, _context, _env, _exit, _handover, _rank, _system
+from trainkit_tracking import _azure, _context, _env, _exit, _handover, _rank, _shared, _system
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import Platform, detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._redact import get_logger, redact_value
@@ -47,6 +47,8 @@ class Tracker:
         fallback_to_local: bool = True,
         timeout: float | None = None,
         exit_timeout: float | None = None,
+        heartbeat_interval: float = 30.0,
+        holder_timeout: float | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         flush_interval: float = 1.0,
         azure_timeout: float = 30.0,
@@ -75,6 +77,13 @@ class Tracker:
             self._environ,
             _env.TRAINKIT_EXIT_TIMEOUT,
             _exit.DEFAULT_EXIT_TIMEOUT,
+        )
+        if not heartbeat_interval > 0:
+            raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")
+        self.heartbeat_interval = float(heartbeat_interval)
+        # A holder of a shared run whose heartbeat is older than this is taken for dead.
+        self.holder_timeout = (
+            4 * self.heartbeat_interval if holder_timeout is None else float(holder_timeout)
         )
         self._spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.flush_interval = flush_interval
@@ -389,19 +398,37 @@ class Tracker:
     def _create(
         self, spec: RunSpec, parent: Run | str | None, resume: bool, name_override: str | None
     ) -> Run:
-        store, keys = self.store, self.keys
+        store = self.store
         parent_id, experiment_id, remote_parent = self._parent(parent)
         if parent_id is None and remote_parent is None and not self.fell_back_to_local:
             job_run = _azure.job_run_id(self._environ, self.tracking_uri)
             adopted = self._adopt_job_run(spec, job_run) if job_run is not None else None
             if adopted is not None:
                 return adopted
-        if resume:
-            for record in self._find_records(spec, experiment_id):
-                if record.status != "FINISHED":
-                    if record.status != "RUNNING":
-                        store.set_status(record.run_id, "RUNNING")
-                    return self._make_run(record, spec, owns_status=True)
+        if resume:  # race-free get-or-create; every caller holds the run
+            record = _shared.get_or_create(
+                store,
+                spec,
+                experiment_id,
+                lambda: self._find_records(spec, experiment_id),
+                lambda: self._new_record(
+                    spec, parent_id, remote_parent, experiment_id, name_override
+                ),
+                timeout=self.timeout,
+            )
+            return self._make_run(record, spec, owns_status=True, shared=True)
+        record = self._new_record(spec, parent_id, remote_parent, experiment_id, name_override)
+        return self._make_run(record, spec, owns_status=True)
+
+    def _new_record(
+        self,
+        spec: RunSpec,
+        parent_id: str | None,
+        remote_parent: str | None,
+        experiment_id: str,
+        name_override: str | None,
+    ) -> RunRecord:
+        store, keys = self.store, self.keys
         tags, name = self._named_tags(spec, experiment_id, name_override)
         tags = tags | creation_tags(keys, run_name=name, parent_run_id=parent_id)
         if self._push_to is not None:
@@ -416,7 +443,7 @@ class Tracker:
             store.rename_run(record.run_id, final)
             store.set_tags(record.run_id, {keys["run_name"]: final})
             record = store.get_run(record.run_id)
-        return self._make_run(record, spec, owns_status=True)
+        return record
 
     def _named_tags(
         self, spec: RunSpec, experiment_id: str, name_override: str | None, run_id: str = ""
@@ -498,9 +525,11 @@ class Tracker:
         *,
         owns_status: bool,
         spec_problem: str | None = None,
+        shared: bool = False,
     ) -> Run:
         from trainkit_tracking._logging import RunLogger
 
+        holder = _shared.take_hold(self.store, record.run_id, self.keys) if shared else None
         logger = RunLogger(
             self.tracking_uri,
             record.run_id,
@@ -508,7 +537,9 @@ class Tracker:
             flush_interval=self.flush_interval,
             known_params=record.params,
             heartbeat_tag=self.keys["heartbeat"],
+            heartbeat_interval=self.heartbeat_interval,
             timeout=self.timeout,
+            holder_tag=holder,
         )
         run = Run(
             self,
@@ -520,6 +551,7 @@ class Tracker:
             logger=logger,
             owns_status=owns_status,
             spec_problem=spec_problem,
+            holder=holder,
         )
         _exit.hold(run, self.exit_timeout)
         if self._system is not None:

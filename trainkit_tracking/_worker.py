@@ -66,6 +66,7 @@ class Channel:
         heartbeat_tag: str,
         heartbeat: bool,
         timeout: float,
+        holder_tag: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
@@ -74,6 +75,7 @@ class Channel:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_tag = heartbeat_tag
         self.heartbeat_on = heartbeat and heartbeat_interval > 0
+        self.holder_tag = holder_tag  # a shared run: this process's hold, beaten with it
         self.timeout = timeout
         # The Tracker sets the first heartbeat when it creates the run.
         self.next_heartbeat = time.monotonic() + heartbeat_interval
@@ -457,7 +459,10 @@ class Sender:
             if channel.heartbeat_on and channel.next_heartbeat <= now:
                 channel.next_heartbeat = now + channel.heartbeat_interval
                 try:
-                    beat = {channel.heartbeat_tag: str(int(time.time()))}
+                    now_s = str(int(time.time()))
+                    beat = {channel.heartbeat_tag: now_s}
+                    if channel.holder_tag is not None:
+                        beat[channel.holder_tag] = now_s
                     self.store.set_tags(channel.run_id, beat)
                 except Exception as exc:  # a missed beat is harmless; the next one comes
                     log.debug("heartbeat of run %s failed: %s", channel.run_id, exc)

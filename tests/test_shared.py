@@ -1,0 +1,269 @@
+"""Many workers, one sweep: race-free get-or-create with resume=True, holders that end a
+shared run last, and an Optuna study run by several workers on a shared storage.
+
+Real processes, released together by a file barrier (never a wall-clock start).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from trainkit_tracking import RunSpec, Tracker
+from trainkit_tracking._store import Store
+from trainkit_tracking.testing import MlflowServer, TrainkitStore
+
+pytestmark = pytest.mark.slow
+
+SPEC = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
+
+GET_OR_CREATE = """
+import os, sys, time
+from trainkit_tracking import RunSpec, Tracker
+uri, barrier, ends = sys.argv[1], sys.argv[2], sys.argv[3]
+tracker = Tracker("shared", uri, heartbeat_interval=0.5, holder_timeout=3)
+tracker.setup()
+spec = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+while not os.path.exists(os.path.join(barrier, "go")):
+    time.sleep(0.001)
+run = tracker.start_run(spec, resume=True)
+print(run.id, flush=True)
+mine = os.path.join(ends, str(os.getpid()))
+while not os.path.exists(mine):
+    time.sleep(0.01)
+run.log_metric("worker", float(os.getpid()))
+run.end()
+print("ended", flush=True)
+"""
+
+
+def start_racers(uri: str, count: int, root: Path) -> tuple[list[subprocess.Popen[str]], Path]:
+    barrier, ends = root / "barrier", root / "ends"
+    barrier.mkdir()
+    ends.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(GET_OR_CREATE), uri, str(barrier), str(ends)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 240
+    while len(list(barrier.iterdir())) < count:
+        assert time.monotonic() < deadline, "racers did not get ready"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.02)
+    (barrier / "go").touch()
+    return procs, ends
+
+
+def run_ids(procs: list[subprocess.Popen[str]]) -> list[str]:
+    ids = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ids.append(line)
+    return ids
+
+
+def finish(proc: subprocess.Popen[str], ends: Path) -> None:
+    (ends / str(proc.pid)).touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "ended" in out, err
+
+
+def get_or_create_race(uri: str, root: Path) -> None:
+    procs, ends = start_racers(uri, 8, root)
+    try:
+        ids = run_ids(procs)
+        assert len(set(ids)) == 1, ids  # eight callers, one run, every caller got its id
+        store = Store(uri)
+        experiment = store.find_experiment("shared")
+        assert experiment is not None
+        assert len(store.search([experiment.experiment_id])) == 1
+        for proc in procs[:-1]:  # holders end one by one: the run stays open
+            finish(proc, ends)
+            assert store.get_run(ids[0]).status == "RUNNING"
+        finish(procs[-1], ends)  # the last holder ends it
+        record = store.get_run(ids[0])
+        assert record.status == "FINISHED"
+        assert not [k for k in record.tags if k.startswith("code.holder.")]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_eight_racers_get_one_run_on_sqlite_and_the_last_holder_ends_it(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    get_or_create_race(trainkit_store.uri, tmp_path)
+
+
+@pytest.mark.postgres
+def test_eight_racers_get_one_run_on_a_postgres_backed_server(
+    trainkit_postgres_server: MlflowServer, tmp_path: Path
+) -> None:
+    get_or_create_race(trainkit_postgres_server.uri, tmp_path)
+
+
+def test_a_killed_holder_does_not_keep_the_shared_run_open(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    procs, ends = start_racers(trainkit_store.uri, 2, tmp_path)
+    try:
+        ids = run_ids(procs)
+        assert ids[0] == ids[1]
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(30)
+        time.sleep(3.5)  # the dead holder's heartbeat goes stale (holder_timeout=3)
+        finish(procs[1], ends)
+        assert Store(trainkit_store.uri).get_run(ids[0]).status == "FINISHED"
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_resume_after_the_shared_run_finished_creates_one_new_run(
+    trainkit_store: TrainkitStore,
+) -> None:
+    tracker = Tracker("shared-again")
+    first = tracker.start_run(SPEC, resume=True)
+    first.end()
+    second = tracker.start_run(SPEC, resume=True)
+    third = Tracker("shared-again").start_run(SPEC, resume=True)
+    assert second.id == third.id != first.id
+    third.end()
+    assert tracker.store.get_run(second.id).status == "RUNNING"  # second still holds it
+    second.end()
+    assert tracker.store.get_run(second.id).status == "FINISHED"
+
+
+OPTUNA_WORKER = """
+import os, sys, time
+import optuna
+from optuna.distributions import FloatDistribution
+from trainkit_tracking import Tracker
+from trainkit_tracking.integrations.optuna import TrackedStudy
+uri, storage_arg, barrier = sys.argv[1], sys.argv[2], sys.argv[3]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+if storage_arg.startswith("journal:"):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    storage = JournalStorage(JournalFileBackend(storage_arg[len("journal:"):]))
+else:
+    storage = storage_arg
+study = optuna.load_study(study_name="shared-study", storage=storage)
+tracker = Tracker("optuna-shared", uri, heartbeat_interval=1, holder_timeout=60)
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+while not os.path.exists(os.path.join(barrier, "go")):
+    time.sleep(0.001)
+
+def objective(trial, run):
+    x = trial.suggest_float("x", -1.0, 1.0)
+    return (x - 0.25) ** 2
+
+space = {"x": FloatDistribution(-1.0, 1.0)}
+with TrackedStudy(tracker, study, model="bert", search_space=space, metric="loss",
+                  environment="local", resume=True) as tracked:
+    tracked.optimize(objective, n_trials=5)
+print(tracked.sweep_run.id, flush=True)
+"""
+
+
+def optuna_workers(uri: str, storage: str, root: Path, workers: int = 4) -> None:
+    import optuna
+
+    if storage.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        created: object = JournalStorage(JournalFileBackend(storage[len("journal:") :]))
+    else:
+        created = storage
+    optuna.create_study(study_name="shared-study", storage=created, direction="minimize")  # type: ignore[arg-type]
+    barrier = root / "barrier"
+    barrier.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(OPTUNA_WORKER), uri, storage, str(barrier)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    deadline = time.monotonic() + 300
+    while len(list(barrier.iterdir())) < workers:
+        assert time.monotonic() < deadline
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.02)
+    (barrier / "go").touch()
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * workers, [err[-2000:] for _, err in outs]
+    sweep_ids = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(sweep_ids) == 1, sweep_ids
+    (sweep_id,) = sweep_ids
+    store = Store(uri)
+    experiment = store.find_experiment("optuna-shared")
+    assert experiment is not None
+    runs = store.search([experiment.experiment_id])
+    sweeps = [r for r in runs if r.tags.get("code.run_kind") == "hpo_sweep"]
+    trials = [r for r in runs if r.tags.get("code.run_kind") == "hpo_trial"]
+    assert [s.run_id for s in sweeps] == [sweep_id]
+    assert sweeps[0].status == "FINISHED"
+    assert len(trials) == 5 * workers
+    assert all(t.parent_id == sweep_id for t in trials)
+    numbers = sorted(int(t.tags["code.hpo.trial_number"]) for t in trials)
+    assert numbers == list(range(5 * workers))
+    assert len({t.name for t in trials}) == len(trials)
+    study = optuna.load_study(study_name="shared-study", storage=created)  # type: ignore[arg-type]
+    best_number = study.best_trial.number
+    assert sweeps[0].tags["best_trial_number"] == str(best_number)
+
+
+def test_optuna_workers_on_a_journal_storage_share_one_sweep(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    optuna_workers(trainkit_store.uri, f"journal:{tmp_path / 'journal.log'}", tmp_path)
+
+
+@pytest.mark.postgres
+def test_optuna_workers_on_postgres_storage_share_one_sweep_on_a_postgres_server(
+    trainkit_postgres_server: MlflowServer, tmp_path: Path
+) -> None:
+    import uuid
+
+    import psycopg2
+
+    backend = trainkit_postgres_server.backend_store_uri  # postgresql://user@host:port/db
+    base, _, _ = backend.rpartition("/")
+    database = f"optuna_{uuid.uuid4().hex[:8]}"  # the same cluster, a database of its own
+    conn = psycopg2.connect(backend.replace("postgresql+psycopg2://", "postgresql://"))
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}")
+    conn.close()
+    optuna_workers(trainkit_postgres_server.uri, f"{base}/{database}", tmp_path)
+
+
+def test_every_run_records_where_it_ran(trainkit_store: TrainkitStore) -> None:
+    environ = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "WORLD_SIZE": "1"}
+    tracker = Tracker("where", environ=environ)
+    with tracker.start_run(SPEC) as run:
+        pass
+    tags = tracker.store.get_run(run.id).tags
+    assert tags["code.pid"] == str(os.getpid())
+    assert tags["code.host"]
+    assert tags["code.slurm.job_id"] == "77" and tags["code.slurm.array_task_id"] == "3"
+    assert tags["code.world_size"] == "1"
