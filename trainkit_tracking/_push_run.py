@@ -485,7 +485,7 @@ class Pusher:
                 )
                 folder = posixpath.dirname(path) or None
                 call(
-                    lambda lp=local, f=folder: self.target.upload_artifact(target_id, lp, f),  # type: ignore[misc]
+                    lambda lp=local, f=folder: self.target.log_artifact(target_id, lp, f),  # type: ignore[misc]
                     limit,
                     "log_artifact",
                 )

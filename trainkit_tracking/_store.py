@@ -795,13 +795,6 @@ class Store:
             )
         )
 
-    def upload_artifact(self, run_id: str, local_path: str, artifact_dir: str | None) -> None:
-        self._call(
-            lambda: self.client.log_artifact(run_id, local_path, artifact_dir),
-            what="log_artifact",
-            timeout=max(self.timeout, ARTIFACT_TIMEOUT),
-        )
-
 
 @dataclass(frozen=True)
 class PushExperiment:

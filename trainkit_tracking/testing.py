@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ __all__ = [
     "PostgresCluster",
     "TrainkitStore",
     "find_postgres_bin",
+    "free_port",
     "migrated_sqlite_template",
+    "silent_server",
     "trainkit_postgres_server",
     "trainkit_server",
     "trainkit_sqlite_template",
@@ -64,6 +67,39 @@ def _free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on (yet): a store that refuses connections."""
+    return _free_port(host)
+
+
+@contextlib.contextmanager
+def silent_server(host: str = "127.0.0.1") -> Iterator[str]:
+    """The URI of a port that accepts connections and never answers a byte: the store
+    that hangs, for testing that tracking calls stay bounded."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, name="trainkit-silent-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 def _is_root() -> bool:
