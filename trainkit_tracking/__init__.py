@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING, Any
 from trainkit_tracking._keys import fingerprint, study_key, trial_key
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import detect_platform
-from trainkit_tracking._push import PushReport, push
 from trainkit_tracking._runs import Run
 from trainkit_tracking._tags import TagKeys, TagSet
 from trainkit_tracking._tracker import Tracker
@@ -22,9 +21,16 @@ from trainkit_tracking.models import Lineage, RunKind, RunSpec, training_id
 
 if TYPE_CHECKING:
     from trainkit_tracking._logging import pending, sync
+    from trainkit_tracking._push import PushReport, push
 
 # Loaded on first use: the spool machinery is not needed to import the package.
-_LAZY = {"pending": "trainkit_tracking._logging", "sync": "trainkit_tracking._logging"}
+# Loaded on first use: importing the package stays cheap (no spool or push machinery).
+_LAZY = {
+    "pending": "trainkit_tracking._logging",
+    "sync": "trainkit_tracking._logging",
+    "push": "trainkit_tracking._push",
+    "PushReport": "trainkit_tracking._push",
+}
 
 
 def __getattr__(name: str) -> Any:
