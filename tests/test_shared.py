@@ -267,3 +267,92 @@ def test_every_run_records_where_it_ran(trainkit_store: TrainkitStore) -> None:
     assert tags["code.host"]
     assert tags["code.slurm.job_id"] == "77" and tags["code.slurm.array_task_id"] == "3"
     assert tags["code.world_size"] == "1"
+
+
+RETRY_WORKER = """
+import os, sys, time
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from trainkit_tracking import Tracker
+from trainkit_tracking.integrations.optuna import TrackedStudy
+uri, db, block = sys.argv[1], sys.argv[2], sys.argv[3]
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+storage = RDBStorage(db, heartbeat_interval=1, grace_period=2,
+                     failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+study = optuna.load_study(study_name="retry-study", storage=storage)
+tracker = Tracker("optuna-retry", uri, heartbeat_interval=0.5, holder_timeout=2)
+
+def objective(trial, run):
+    x = trial.suggest_float("x", -1.0, 1.0)
+    if os.path.exists(block):
+        print("in trial", flush=True)
+        time.sleep(600)  # killed here
+    return x * x
+
+space = {"x": FloatDistribution(-1.0, 1.0)}
+with TrackedStudy(tracker, study, model="bert", search_space=space, metric="loss",
+                  environment="local", resume=True) as tracked:
+    tracked.optimize(objective, n_trials=1)
+print("done", flush=True)
+"""
+
+
+def test_a_killed_worker_s_trial_is_reaped_and_its_retry_links_to_it(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    import optuna
+
+    db = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="retry-study", storage=db)
+    block = tmp_path / "block"
+    block.touch()
+    code = textwrap.dedent(RETRY_WORKER)
+    first = subprocess.Popen(
+        [sys.executable, "-c", code, trainkit_store.uri, db, str(block)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        line = first.stdout.readline()
+        assert line.strip() == "in trial", first.stderr.read() if first.stderr else ""
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        block.unlink()
+        time.sleep(3)  # past Optuna's grace period and our holder_timeout: the worker is dead
+        second = subprocess.run(
+            [sys.executable, "-c", code, trainkit_store.uri, db, str(block)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 0 and "done" in second.stdout, second.stderr
+    finally:
+        first.kill()
+    reaped = subprocess.run(
+        [sys.executable, "-m", "trainkit_tracking", "reap", "--older-than", "2s",
+         "-e", "optuna-retry", "--tracking-uri", trainkit_store.uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert reaped.returncode == 0, reaped.stdout + reaped.stderr
+    store = Store(trainkit_store.uri)
+    experiment = store.find_experiment("optuna-retry")
+    assert experiment is not None
+    runs = store.search([experiment.experiment_id])
+    trials = {
+        int(r.tags["code.hpo.trial_number"]): r
+        for r in runs
+        if r.tags.get("code.run_kind") == "hpo_trial"
+    }
+    assert sorted(trials) == [0, 1], sorted(trials)
+    killed, retry = trials[0], trials[1]
+    assert killed.status == "KILLED" and killed.tags.get("code.interrupted") == "true"
+    assert retry.status == "FINISHED"
+    assert retry.tags["code.hpo.retry_of"] == "0"
+    assert retry.tags["code.hpo.retry_of_run_id"] == killed.run_id
+    (sweep,) = [r for r in runs if r.tags.get("code.run_kind") == "hpo_sweep"]
+    assert sweep.status == "FINISHED"  # the dead worker's hold did not keep it open

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from trainkit_tracking import _cv
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._store import RunRecord, Store
-from trainkit_tracking.errors import TrackingError
+from trainkit_tracking.errors import StoreUnavailableError, TrackingError
 from trainkit_tracking.models import RunKind, validate_run_id
 
 _TRIAL = RunKind.HPO_TRIAL.value
@@ -215,6 +215,8 @@ def render_tree(
         validate_run_id(run_id)
         try:
             root = store.get_run(run_id)
+        except StoreUnavailableError:
+            raise  # the store did not answer: that says nothing about the run
         except Exception as exc:
             raise TrackingError(
                 f"run {run_id!r} not found in {redact_value(store.tracking_uri)!r}: {exc}"

@@ -166,7 +166,7 @@ def _in_notebook() -> bool:
         return False
     try:
         shell = ipython.get_ipython()
-    except Exception:
+    except Exception:  # a broken IPython install: not a notebook we can name
         return False
     return shell is not None and (
         type(shell).__name__ == "ZMQInteractiveShell" or hasattr(shell, "kernel")

@@ -90,7 +90,7 @@ def visible_gpus(selection: str | None, count: int) -> list[int | str]:
 def _warn(message: str) -> None:
     try:  # in the sampler thread: a warnings filter set to "error" must not kill it
         warnings.warn(message, TrackingWarning, stacklevel=2)
-    except Exception:
+    except Exception:  # a filter set to "error" in the sampler thread: never raise there
         log.warning("%s", message)
 
 

@@ -92,6 +92,9 @@ _DEFAULT_KEYS: dict[str, str] = {
     "run_spec": "code.run_spec",
     # Offline runs (created in the local store while the tracking store was unreachable).
     "push_to": "code.push_to",
+    # Optuna: a trial that retries another (RetryFailedTrialCallback).
+    "retry_of": "code.hpo.retry_of",
+    "retry_of_run_id": "code.hpo.retry_of_run_id",
     # A run several processes hold (resume=True): one tag per holder, its heartbeat.
     "holder_prefix": "code.holder",
     "remote_parent_id": "code.remote_parent_id",

@@ -66,6 +66,18 @@ def search_space_description(search_space: Mapping[str, BaseDistribution]) -> di
     return described
 
 
+def _retried_trial(trial: optuna.Trial) -> int | None:
+    """The number of the trial that ``trial`` retries (RetryFailedTrialCallback), if any."""
+    try:
+        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    except Exception as exc:  # a storage without system attrs: no link, nothing else lost
+        log.debug("trial %s: no system attrs: %s", trial.number, exc)
+        return None
+    history = attrs.get("retry_history") or []
+    previous = history[-1] if history else attrs.get("failed_trial")
+    return int(previous) if previous is not None else None
+
+
 def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
     # Sampled before the trial run exists, so that trial_key_hash is part of its identity;
     # the objective's own trial.suggest_* with the same arguments returns the same value.
@@ -249,13 +261,19 @@ class TrackedStudy:
     ) -> optuna.trial.FrozenTrial | None:
         """``study.optimize`` with ``objective(trial, trial_run)``; returns the best trial."""
         sweep = self.start()
+
+        # The best trial on the sweep stays current as trials finish, in every worker.
+        def keep_current(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+            self.record_best()
+
+        keep_best = [*(callbacks or ()), keep_current]
         self.study.optimize(
             lambda trial: self._run_trial(sweep, trial, objective),
             n_trials=n_trials,
             timeout=timeout,
             n_jobs=n_jobs,
             catch=catch,
-            callbacks=callbacks,
+            callbacks=keep_best,
             gc_after_trial=gc_after_trial,
             show_progress_bar=show_progress_bar,
         )
@@ -270,6 +288,14 @@ class TrackedStudy:
             self._trial_keys[trial.number] = key
         if run.id is not None:  # a NoopRun on ranks other than 0 has no id without a group
             trial.set_user_attr(RUN_ID_ATTR, run.id)
+        retried = _retried_trial(trial)
+        if retried is not None:  # RetryFailedTrialCallback: link to the trial this retries
+            keys = self.tracker.keys
+            link = {keys["retry_of"]: str(retried)}
+            retried_run = self.trial_run_id(retried)
+            if retried_run:
+                link[keys["retry_of_run_id"]] = retried_run
+            run.set_tags(link)
         run.log_params(params)
         try:
             value = objective(_ReportingTrial(trial, run, self.intermediate_metric), run)
