@@ -30,11 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without optuna
         'pip install "trainkit-tracking[optuna]"'
     ) from exc
 
-from trainkit_tracking._keys import study_key, trial_key
-from trainkit_tracking._runs import Run
-from trainkit_tracking._tracker import Tracker
-from trainkit_tracking.errors import TrackingError
-from trainkit_tracking.models import RunKind, RunSpec
+from trainkit_tracking import Run, RunKind, RunSpec, Tracker, TrackingError, study_key, trial_key
 
 __all__ = ["RUN_ID_ATTR", "TrackedStudy", "search_space_description"]
 

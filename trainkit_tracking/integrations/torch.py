@@ -23,8 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         'pip install "trainkit-tracking[torch]"'
     ) from exc
 
-from trainkit_tracking import _rank
-from trainkit_tracking._tracker import Tracker
+from trainkit_tracking import Tracker, _rank
 
 __all__ = [
     "broadcast_object",

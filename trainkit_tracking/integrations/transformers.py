@@ -24,8 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         'install them with pip install "trainkit-tracking[transformers]"'
     ) from exc
 
-from trainkit_tracking._runs import Run
-from trainkit_tracking.errors import ParamConflictError, TrackingWarning
+from trainkit_tracking import ParamConflictError, Run, TrackingWarning
 
 __all__ = ["TrackingCallback"]
 
