@@ -303,24 +303,10 @@ class NamingPolicy(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> NamingPolicy:
         """Load a policy file (the format of ``from_dict``, as YAML; the seed's naming.yaml too)."""
-        import yaml  # pyyaml is a core dependency; imported here to keep the package import cheap
+        from trainkit_tracking._yaml import load_config
 
         where = f"naming policy file {os.fspath(path)!r}"
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise PolicyError(
-                f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
-            ) from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise PolicyError(f"{where} is not valid YAML: {e}") from e
-        except RecursionError as e:
-            raise PolicyError(
-                f"{where} is nested too deeply to be read; a naming policy is two levels deep"
-            ) from e
+        data = load_config(path, where, PolicyError, "a naming policy is two levels deep")
         try:
             return cls.from_dict(data)
         except PolicyError as e:

@@ -356,7 +356,13 @@ class Store:
 
     def list_experiments(self) -> list[ExperimentRecord]:
         """Every active experiment of the store (all pages)."""
-        found: list[ExperimentRecord] = []
+        return [
+            ExperimentRecord(str(e.experiment_id), str(e.name), False)
+            for e in self._experiment_pages()
+        ]
+
+    def _experiment_pages(self) -> Iterator[Any]:
+        """MLflow's active experiments, page after page."""
         token: str | None = None
         while True:
             page = self._call(
@@ -365,10 +371,10 @@ class Store:
                 ),
                 what="search_experiments",
             )
-            found.extend(ExperimentRecord(str(e.experiment_id), str(e.name), False) for e in page)
+            yield from page
             token = page.token
             if not token:
-                return found
+                return
 
     def experiment_name(self, experiment_id: str) -> str:
         experiment = self._call(
@@ -659,23 +665,11 @@ class Store:
         )
 
     def active_experiments(self) -> list[PushExperiment]:
-        """Every active experiment (every page)."""
-        found: list[PushExperiment] = []
-        token: str | None = None
-        while True:
-            page = self._call(
-                lambda token=token: self.client.search_experiments(  # type: ignore[misc]
-                    max_results=1000, page_token=token
-                ),
-                what="search_experiments",
-            )
-            found.extend(
-                PushExperiment(str(e.experiment_id), str(e.name), False, dict(e.tags or {}))
-                for e in page
-            )
-            token = page.token
-            if not token:
-                return found
+        """Every active experiment (every page), with its tags."""
+        return [
+            PushExperiment(str(e.experiment_id), str(e.name), False, dict(e.tags or {}))
+            for e in self._experiment_pages()
+        ]
 
     def search_latest(
         self, experiment_ids: Sequence[str], filter_string: str = "", *, include_deleted: bool

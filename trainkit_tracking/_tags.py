@@ -287,24 +287,10 @@ class TagKeys(_Frozen, Mapping[str, str]):
         The seed repo's ``config/tags.yaml`` (sections of name -> tag key) is read too:
         its names are mapped to ours, and the ones this SDK does not write are ignored.
         """
-        import yaml  # deferred: importing the package stays cheap
+        from trainkit_tracking._yaml import load_config
 
         where = f"tag-key file {os.fspath(path)!r}"
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except UnicodeDecodeError as e:
-            raise TagKeyError(
-                f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
-            ) from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise TagKeyError(f"{where} is not valid YAML: {e}") from e
-        except RecursionError as e:
-            raise TagKeyError(
-                f"{where} is nested too deeply to be read; a tag-key file is a flat mapping"
-            ) from e
+        data = load_config(path, where, TagKeyError, "a tag-key file is a flat mapping")
         from trainkit_tracking import _seed
 
         if _seed.is_seed_tags(data):
