@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +88,21 @@ def _session_spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRAINKIT_SPOOL_DIR", str(spool))
         yield spool
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port nothing listens on: a store that refuses connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections but never answers a request."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        yield srv.getsockname()[1]

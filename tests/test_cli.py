@@ -6,12 +6,10 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,23 +58,6 @@ def run_cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections but never answers a request."""
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(16)
-        yield srv.getsockname()[1]
 
 
 # --help, the script, the module -------------------------------------------------------

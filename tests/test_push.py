@@ -7,14 +7,12 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -472,23 +470,6 @@ def test_nothing_marked_pushes_nothing(trainkit_store: TrainkitStore) -> None:
     result = CliRunner().invoke(cli, ["push"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("nothing to push from sqlite:///")
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections but never answers a request."""
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(16)
-        yield srv.getsockname()[1]
 
 
 def _one_run(uri: str) -> None:
