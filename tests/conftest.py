@@ -62,6 +62,11 @@ def pytest_configure(config: pytest.Config) -> None:
     mp.setenv("PYTHONPATH", f"{NETGUARD_DIR}{os.pathsep}{old}" if old else str(NETGUARD_DIR))
     mp.setenv(netguard.ENV_VAR, "1")
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Each process sends its own spool, and `sync` what dead ones left, as in 0.1: a sender
+    # process per test store would cost ~2 s of CPU each. tests/test_sender.py runs the
+    # default (a sender process); TRAINKIT_SENDER=process runs any test file that way.
+    mp.setenv("TRAINKIT_SENDER", os.environ.get("TRAINKIT_SENDER") or "thread")
+    mp.setenv("TRAINKIT_SENDER_LINGER", os.environ.get("TRAINKIT_SENDER_LINGER") or "30")
     for name in ("NO_PROXY", "no_proxy"):
         # A developer's HTTP proxy must not sit between the tests and their local servers.
         current = os.environ.get(name)

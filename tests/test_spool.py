@@ -14,7 +14,9 @@ import pytest
 from trainkit_tracking._logging import RunLogger, pending, sync
 from trainkit_tracking._spool import (
     MAX_BATCH_BYTES,
+    AckLog,
     SpoolWriter,
+    ack_path,
     checksum,
     make_batches,
     read_spool,
@@ -67,8 +69,10 @@ def test_writer_reader_round_trip_and_torn_last_line(spool: Path) -> None:
     writer = SpoolWriter(spool, "sqlite:///x.db", "a" * 32)
     writer.append([{"t": "b", "n": 1, "m": [["k", float("nan"), 1, 0]]}, {"t": "e", "n": 2,
                    "status": "FINISHED", "end": 5}])  # fmt: skip
-    writer.mark_done(1)
     path = writer.path
+    assert path is not None
+    AckLog(path).write({"t": "d", "n": 1})  # what the sender writes once the store took it
+    writer.settle(1)
     assert path is not None and path.name.startswith("a" * 32) and path.suffix == ".jsonl"
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
     with open(path, "ab") as fh:
@@ -103,8 +107,10 @@ def test_segments_rotate_once_fully_acknowledged(
     writer = SpoolWriter(spool, "sqlite:///x.db", "c" * 32)
     first = writer.path
     writer.append([{**batch("m", range(200)), "n": 1}])
-    writer.mark_done(1)
-    assert first is not None and not first.exists()  # all done and big: dropped
+    assert first is not None
+    AckLog(first).write({"t": "d", "n": 1})
+    writer.settle(1)
+    assert not first.exists() and not ack_path(first).exists()  # all done and big: dropped
     writer.append([{**batch("m", range(2)), "n": 2}])
     second = writer.path
     assert second is not None and second != first and second.name.endswith(".0002.jsonl")

@@ -42,6 +42,10 @@ _GOOD_KEYS: set[str] = set()
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
 # Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
 MAX_PARAM_DEPTH = 64
+# Points queued in memory before the spooler is woken (~15 MB), and the most the queue holds
+# before a log call waits for the disk (~60 MB at ~150 B a point).
+QUEUE_KICK = 100_000
+QUEUE_MAX = 400_000
 log = get_logger(__name__)
 
 
@@ -233,13 +237,20 @@ class RunLogger:
     def store_down(self) -> bool:
         """Whether this run's store is known not to answer right now (the sender backs off,
         or an end already waited in vain): then ending does not read from it."""
-        sender = self._worker.sender(self._channel)
-        return sender.down or sender.outage_waited
+        return self._worker.store_down(self._channel)
 
     def __repr__(self) -> str:
         return (
             f"RunLogger(run_id={self.run_id!r}, tracking_uri={redact_value(self.tracking_uri)!r})"
         )
+
+    def _backlog(self, channel: Channel) -> None:
+        """Many points logged since the last spooling: spool now, so that unsent points wait
+        on disk; beyond ``QUEUE_MAX`` the call waits for the disk (memory stays bounded)."""
+        self._worker.kick()
+        deadline = time.monotonic() + self._timeout
+        while len(channel.queue) > QUEUE_MAX and channel.spool_ok and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     # Logging -------------------------------------------------------------------
 
@@ -261,6 +272,8 @@ class RunLogger:
             points.append((key, value, ts, step))
         channel = self._channel if not (self._forked or self._ended) else self._slow_path()
         channel.queue.extend(points)
+        if len(channel.queue) > QUEUE_KICK:
+            self._backlog(channel)
 
     def log_metric(self, key: str, value: Any, step: int | None = None) -> None:
         self.log_metrics({key: value}, step)

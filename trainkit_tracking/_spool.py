@@ -1,7 +1,7 @@
 """The on-disk spool: one append-only JSON-lines file per run per process, locked while in use.
 
-A record is written here before it is sent and marked done once the store acknowledged
-it; ``sync`` sends what a dead process left behind, exactly once.
+The training process writes a record here before anything sends it; whoever sends it (the
+sender, or ``sync``) marks it done in the file's ``.ack`` sidecar once the store took it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
+ACK_SUFFIX = ".ack"  # the marks of a spool file, written only by whoever sends it
 BLOB_DIR = "blobs"
 # A fully acknowledged segment larger than this is deleted and a new one started, so a
 # long run's spool stays small.
@@ -98,8 +99,11 @@ class SpoolWriter:
     caller then logs in memory only.
     """
 
-    def __init__(self, spool_dir: Path, tracking_uri: str, run_id: str) -> None:
+    def __init__(
+        self, spool_dir: Path, tracking_uri: str, run_id: str, *, sender: str = "process"
+    ) -> None:
         self.spool_dir = spool_dir
+        self.sender = sender  # "thread": this process sends the file itself
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._token = secrets.token_hex(4)
@@ -109,7 +113,6 @@ class SpoolWriter:
         self._path: Path | None = None
         self._size = 0
         self._pending: set[int] = set()
-        self._unwritten: list[bytes] = []  # done/refused marks a full disk refused, retried
         self._dirty = False
         self.closed = False
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -138,6 +141,7 @@ class SpoolWriter:
                 "run": self.run_id,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "sender": self.sender,
                 "ts": int(time.time() * 1000),
             }
             data = _line(header)
@@ -178,27 +182,12 @@ class SpoolWriter:
                 _write_all(self._fd, data)
                 self._size += len(data)
 
-    def mark_done(self, seq: int) -> None:
-        """Record that the store acknowledged ``seq``; rotate when the segment is all done."""
-        self._mark(seq, {"t": "d", "n": seq})
-
-    def mark_refused(self, seq: int, reasons: Sequence[str]) -> None:
-        """Record that the store refused (part of) ``seq`` for good: ``sync`` skips it."""
-        self._mark(seq, {"t": "r", "n": seq, "why": [redact_value(r) for r in reasons]})
-
-    def _mark(self, seq: int, record: Record) -> None:
+    def settle(self, seq: int) -> None:
+        """``seq`` was stored or refused (its mark is in the ack file); rotate when the
+        segment is all settled and big."""
         with self._lock:
             self._pending.discard(seq)
-            if self._fd is None:
-                return
-            # On a full disk the write raises and the mark stays in _unwritten: written with
-            # the next mark, or moot once the file is deleted with everything settled.
-            self._unwritten.append(_line(record))
-            data = b"".join(self._unwritten)
-            _write_all(self._fd, data)
-            self._unwritten.clear()
-            self._size += len(data)
-            if not self._pending and self._size > ROTATE_BYTES:
+            if self._fd is not None and not self._pending and self._size > ROTATE_BYTES:
                 self._drop_segment()
 
     @property
@@ -211,12 +200,14 @@ class SpoolWriter:
         assert self._fd is not None and self._path is not None
         with contextlib.suppress(OSError):
             self._path.unlink()
+        with contextlib.suppress(OSError):
+            ack_path(self._path).unlink()
         os.close(self._fd)
         self._fd, self._path, self._size = None, None, 0
 
     def close(self, *, delete: bool) -> None:
         """Release the lock; delete the file when ``delete`` or when everything in it was
-        settled (then nothing in it is for ``sync``, even if a full disk kept its marks)."""
+        settled (then nothing in it is for ``sync``)."""
         with self._lock:
             if self.closed:
                 return
@@ -247,6 +238,54 @@ def _line(record: Record) -> bytes:
     return (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
 
 
+def ack_path(spool_path: Path) -> Path:
+    return spool_path.with_suffix(ACK_SUFFIX)
+
+
+class AckLog:
+    """The marks of one spool file: done ("d"), refused items ("r"), kept for ``sync``
+    ("k"), dropped ("x") and artifact checksums ("s"). Written by the one sender of the
+    file at a time (the sender lock, or the file's own lock for ``sync``)."""
+
+    def __init__(self, spool_path: Path) -> None:
+        self.path = ack_path(spool_path)
+        self._fd: int | None = None
+
+    def write(self, record: Record) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _write_all(self._fd, _line(record))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def read_lines(path: Path, offset: int, limit: int | None = None) -> tuple[list[Record], int]:
+    """The complete JSON lines of ``path`` after byte ``offset`` (at most about ``limit``
+    bytes), and the offset after the last one: a line still being written waits."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read() if limit is None else fh.read(limit)
+    except OSError:  # gone (deleted once all was stored), or its directory is
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    if end == 0 and limit is not None and len(data) >= limit:  # a line longer than the limit
+        return read_lines(path, offset, limit * 4)
+    records = []
+    for raw in data[:end].splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue  # a torn line (a write cut by SIGKILL, then appended after)
+        if isinstance(record, dict):
+            records.append(record)
+    return records, offset + end
+
+
 # Reading -----------------------------------------------------------------------
 
 
@@ -263,6 +302,7 @@ class SpoolFile:
     done: set[int] = field(default_factory=set)
     checksums: dict[int, str] = field(default_factory=dict)
     refused: dict[int, list[str]] = field(default_factory=dict)
+    kept: dict[int, list[str]] = field(default_factory=dict)  # refused as a whole: for sync
     corrupt_lines: int = 0
 
     @property
@@ -299,20 +339,24 @@ def read_spool(path: Path) -> SpoolFile:
                 spool.started = int(record.get("ts") or 0)
             elif kind in ("b", "a", "e"):
                 spool.records[int(record["n"])] = record
-            elif kind in ("d", "x"):
-                spool.done.add(int(record["n"]))
-            elif kind == "r":
-                spool.done.add(int(record["n"]))
-                spool.refused[int(record["n"])] = [str(w) for w in record.get("why", ())]
-            elif kind == "s":
-                spool.checksums[int(record["n"])] = str(record["sha256"])
+            else:
+                _apply_mark(spool, record)
+    for mark in read_lines(ack_path(path), 0)[0]:
+        _apply_mark(spool, mark)
     return spool
 
 
-def append_line(path: Path, record: Record) -> None:
-    """Append one record to a spool file that the caller has locked."""
-    with open(path, "ab") as fh:
-        fh.write(_line(record))
+def _apply_mark(spool: SpoolFile, record: Record) -> None:
+    kind = record.get("t")
+    if kind in ("d", "x"):
+        spool.done.add(int(record["n"]))
+    elif kind == "r":
+        spool.done.add(int(record["n"]))
+        spool.refused[int(record["n"])] = [str(w) for w in record.get("why", ())]
+    elif kind == "k":
+        spool.kept[int(record["n"])] = [str(w) for w in record.get("why", ())]
+    elif kind == "s":
+        spool.checksums[int(record["n"])] = str(record["sha256"])
 
 
 # Batching ----------------------------------------------------------------------

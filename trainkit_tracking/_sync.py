@@ -1,7 +1,8 @@
 """``sync``: send what dead processes left in the spool to their store, exactly once.
 
 Each spool file is locked first (files of live processes and of a concurrent ``sync``
-are skipped). A record is marked done in its file right after the store took it;
+are skipped), and so is the store's sender lock (a sender process that is sending them
+has them). A record is marked done in the file's ack log right after the store took it;
 resending one whose mark was lost stores nothing twice, and a tag is only re-sent when
 no later record of the run sets it again, so a newer value is never reverted.
 """
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainkit_tracking._redact import get_logger, redact_value
+from trainkit_tracking._sender import hold_lock
 from trainkit_tracking._spool import (
+    AckLog,
     Record,
     SpoolFile,
-    append_line,
+    ack_path,
     checksum,
     default_spool_dir,
     read_spool,
@@ -109,6 +112,8 @@ def sync(
     spool_dir = spool_dir or default_spool_dir()
     report = SyncReport(dry_run=dry_run)
     held: list[tuple[int, SpoolFile, str]] = []
+    sender_locks: dict[str, int | None] = {}
+    acks: dict[int, AckLog] = {}
     environ_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         for path in spool_paths(spool_dir):
@@ -137,7 +142,15 @@ def sync(
                 continue
             os.close(fd)
         runs: dict[tuple[str, str], list[SpoolFile]] = {}
-        for _, spool, uri in held:
+        for fd, spool, uri in list(held):
+            uid = uri_id(uri)
+            if uid not in sender_locks:
+                sender_locks[uid] = None if dry_run else hold_lock(spool_dir, uid)
+            if sender_locks[uid] is None and not dry_run:
+                report.busy += 1  # a sender process is sending this store's files
+                os.close(fd)
+                held.remove((fd, spool, uri))
+                continue
             runs.setdefault((uri, str(spool.run_id)), []).append(spool)
         stores: dict[str, Store] = {}
         if experiment is not None:
@@ -160,7 +173,7 @@ def sync(
                 elif record["t"] == "a" and (reason := _artifact_problem(spool, record)):
                     report.dropped.append(f"run {run_id}: artifact {record['src']!r} {reason}")
                     if not dry_run:
-                        append_line(spool.path, {"t": "x", "n": record["n"], "why": reason})
+                        _ack(acks, spool).write({"t": "x", "n": record["n"], "why": reason})
                         spool.done.add(record["n"])
                 elif dry_run:
                     _count(report, record)
@@ -179,24 +192,34 @@ def sync(
                         continue  # refused as a whole (a deleted run): kept for a later sync
                     if refused:
                         report.refused.extend(f"run {run_id}: {r}" for r in refused)
-                        append_line(spool.path, {"t": "r", "n": record["n"], "why": refused})
+                        _ack(acks, spool).write({"t": "r", "n": record["n"], "why": refused})
                     else:
-                        append_line(spool.path, {"t": "d", "n": record["n"]})
+                        _ack(acks, spool).write({"t": "d", "n": record["n"]})
                         _count(report, record)
                     spool.done.add(record["n"])
                 if progress is not None:
                     progress(done, total)
     finally:
+        for ack in acks.values():
+            ack.close()
         for fd, _, _ in held:
             os.close(fd)
     # Unlocked first (Windows cannot delete an open file); a sync that locks one of these
     # in between finds nothing pending in it.
     for _, spool, _ in held:
         if not dry_run and not spool.pending:
-            with contextlib.suppress(OSError):
-                spool.path.unlink()
+            for path in (spool.path, ack_path(spool.path)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    for lock in sender_locks.values():
+        if lock is not None:
+            os.close(lock)
     report.pending = pending(spool_dir)
     return report
+
+
+def _ack(acks: dict[int, AckLog], spool: SpoolFile) -> AckLog:
+    return acks.setdefault(id(spool), AckLog(spool.path))
 
 
 def _later_tags(spools: list[SpoolFile]) -> dict[tuple[int, int], frozenset[str]]:

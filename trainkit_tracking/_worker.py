@@ -1,10 +1,11 @@
-"""The background worker: call-site queues -> spool on disk -> store, with an explicit lifecycle.
+"""The background worker of a training process: call-site queues -> spool on disk.
 
 One worker per process serves every run: a spooler thread drains the queues into batches
-and appends them to each run's spool (fsync once per flush interval); a sender thread per
-store sends them in order, marks them done, retries transient failures with backoff, drops
-refused items one by one (recorded in the spool) and sets the heartbeat tag. States:
-RUNNING -> DRAINING -> STOPPED, ended once by the exit path (``_exit.py``).
+and appends them to each run's spool (fsync once per flush interval); the sender
+(``_sender.py``, a process of its own) sends them, and an ack thread here reads its marks
+to settle ``flush`` and ``end``. A light thread per store sets the heartbeat tag, and
+sends in memory only when the spool cannot be written. States: RUNNING -> DRAINING ->
+STOPPED, ended once by the exit path (``_exit.py``).
 """
 
 from __future__ import annotations
@@ -16,20 +17,24 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainkit_tracking import _env
 from trainkit_tracking._redact import get_logger, redact_value
+from trainkit_tracking._sender import DEFAULT_LINGER, Link
 from trainkit_tracking._spool import (
     Point,
     Record,
     SpoolWriter,
-    checksum,
+    ack_path,
     make_batches,
+    read_lines,
     send_record,
 )
 from trainkit_tracking._store import Store, is_transient
-from trainkit_tracking.errors import warn
+from trainkit_tracking.errors import TrackingError, warn
 
 log = get_logger(__name__)
 
@@ -37,15 +42,35 @@ MAX_BACKOFF = 15.0
 _UNWRITABLE: set[Path] = set()  # spool dirs already warned about
 
 
-class Barrier:
-    """Put in a run's queue by ``flush``: ``spooled`` once on disk, ``event`` once settled."""
+# Unsent points held in memory when the spool cannot be written (about 150 B each): beyond
+# this, new points are dropped with a warning (TRAINKIT_MAX_MEMORY_MB, default 64).
+POINT_BYTES = 150
 
-    __slots__ = ("event", "ok", "spooled")
+
+def read_settings(environ: Mapping[str, str]) -> tuple[str, float, int]:
+    """TRAINKIT_SENDER, TRAINKIT_SENDER_LINGER and TRAINKIT_MAX_MEMORY_MB, validated."""
+    mode = environ.get(_env.TRAINKIT_SENDER, "").strip() or "process"
+    if mode not in ("process", "thread"):
+        raise TrackingError(
+            f"environment variable {_env.TRAINKIT_SENDER}={mode!r} must be 'process' (send "
+            "from a process of its own, the default) or 'thread'; fix or unset it"
+        )
+    linger = _env.read_seconds(environ, _env.TRAINKIT_SENDER_LINGER) or DEFAULT_LINGER
+    memory_mb = _env.read_int(environ, _env.TRAINKIT_MAX_MEMORY_MB, minimum=1) or 64
+    return mode, linger, memory_mb
+
+
+class Barrier:
+    """Put in a run's queue by ``flush``: ``spooled`` once on disk, ``event`` once every
+    record before it (``upto``) is settled."""
+
+    __slots__ = ("event", "ok", "spooled", "upto")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.spooled = threading.Event()
         self.ok = False
+        self.upto = 0
 
 
 class Channel:
@@ -84,7 +109,13 @@ class Channel:
         self.pid = os.getpid()
         self.ended = False
         self.failed = 0  # records not stored (refused items, or no spool to keep them)
-        self.outstanding = 0  # records handed to the sender and not settled yet
+        self.unsettled: set[int] = set()  # records spooled or in memory, not yet settled
+        self.in_file = 0  # how many of them the spool holds (the sender's marks settle them)
+        self.barriers: list[Barrier] = []
+        self.ack_offset = 0  # of the writer's current segment's ack file
+        self.ack_of: Path | None = None
+        self.memory_points = 0  # unsent points held in memory (no writable spool)
+        self.dropped = 0
         self.spool_ok = True
         self.writer: SpoolWriter | None = None
         self._seq = 0
@@ -92,7 +123,8 @@ class Channel:
 
     def open_writer(self) -> None:
         try:
-            self.writer = SpoolWriter(self.spool_dir, self.tracking_uri, self.run_id)
+            mode = read_settings(os.environ)[0]
+            self.writer = SpoolWriter(self.spool_dir, self.tracking_uri, self.run_id, sender=mode)
         except OSError as exc:
             self.spool_failed(exc)
 
@@ -138,7 +170,75 @@ class Channel:
         for record in records:
             self._seq += 1
             record["n"] = self._seq
+        for barrier in barriers:
+            assert isinstance(barrier, Barrier)
+            barrier.upto = self._seq
         return [*records, *barriers]
+
+    def settle(self, seq: int, *, ok: bool, in_file: bool, kept: bool = False) -> None:
+        """Record ``seq`` as stored (``ok``) or not; release the barriers it held back.
+
+        ``kept``: refused as a whole, so it stays in the spool file (for ``sync``)."""
+        with self.lock:
+            if seq not in self.unsettled:
+                return
+            self.unsettled.discard(seq)
+            if in_file:
+                self.in_file -= 1
+                if self.writer is not None and not kept:
+                    self.writer.settle(seq)
+            if not ok:
+                self.failed += 1
+            self.release()
+
+    def release(self) -> None:
+        """Set the barriers that nothing unsettled holds back (the caller holds the lock)."""
+        low = min(self.unsettled) if self.unsettled else None
+        kept = []
+        for barrier in self.barriers:
+            if low is None or barrier.upto < low:
+                barrier.ok = self.failed == 0
+                barrier.event.set()
+            else:
+                kept.append(barrier)
+        self.barriers = kept
+
+    def warn_kept(self, what: str, reason: str) -> None:
+        """The store refused a whole record (a deleted run, a file gone): it stays in the
+        spool for ``sync`` once the cause is fixed."""
+        where = (
+            f"it stays in the spool ({self.writer.path}); fix the cause and run "
+            "`trainkit-tracking sync`"
+            if self.writer is not None and self.writer.path is not None
+            else "the spool is not writable, so it is lost"
+        )
+        message = (
+            f"the tracking store refused {what} of run {self.run_id}: "
+            f"{redact_value(reason)}; {where}."
+        )
+        if self.failed == 0:
+            warn(message + " Later failures of this run are only logged.")
+        else:
+            log.warning("%s", message)
+
+    def warn_refused(self, reasons: list[str]) -> None:
+        """Items refused for good (a bad or conflicting value); the rest was stored."""
+        text = "; ".join(redact_value(r) for r in reasons[:5])
+        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
+        warn(
+            f"the tracking store refused {text}{more} of run {self.run_id}; the rest of "
+            "its data is stored. Fix the value (or log it under another key)."
+        )
+
+    def read_acks(self) -> list[Record]:
+        """The sender's new marks for this process's current segment."""
+        path = self.writer.path if self.writer is not None else None
+        if path is None:
+            return []
+        if path != self.ack_of:
+            self.ack_of, self.ack_offset = path, 0
+        marks, self.ack_offset = read_lines(ack_path(path), self.ack_offset)
+        return marks
 
 
 class State(enum.Enum):
@@ -150,8 +250,9 @@ class State(enum.Enum):
 class Worker:
     """The process-wide background worker serving every Channel of this process.
 
-    One spooler thread, and one sender thread per tracking URI, so that a store that is
-    down holds back only its own runs.
+    A spooler thread writes the queues to disk, an ack thread reads the sender's marks,
+    and a light thread per tracking URI sets the heartbeats (and sends what no spool
+    could keep), so that a store that is down holds back only its own runs.
     """
 
     def __init__(self) -> None:
@@ -161,11 +262,16 @@ class Worker:
         self._channels: list[Channel] = []
         self.lock = threading.Lock()
         self._kick = threading.Event()
+        self._ack_kick = threading.Event()
         self._senders: dict[str, Sender] = {}
-        self._spooler = threading.Thread(
-            target=self._spool_loop, name="trainkit-spooler", daemon=True
-        )
-        self._spooler.start()
+        self._links: dict[tuple[Path, str], Link] = {}
+        self.mode, self.linger, memory_mb = read_settings(os.environ)
+        self.max_memory_points = memory_mb * (1 << 20) // POINT_BYTES
+        for name, loop in (
+            ("trainkit-spooler", self._spool_loop),
+            ("trainkit-acks", self._ack_loop),
+        ):
+            threading.Thread(target=loop, name=name, daemon=True).start()
 
     def register(self, channel: Channel) -> None:
         with self.lock:
@@ -173,7 +279,7 @@ class Worker:
                 return
             self._channels.append(channel)
         if channel.heartbeat_on:  # wake the sender to take its heartbeat schedule into account
-            self.sender(channel).outbox.put((channel, Barrier()))
+            self.sender(channel).outbox.put(WAKE)
 
     def unregister(self, channel: Channel) -> None:
         with contextlib.suppress(ValueError):
@@ -194,6 +300,39 @@ class Worker:
                 self._senders[channel.tracking_uri] = sender
             return sender
 
+    def link(self, channel: Channel) -> Link:
+        key = (channel.spool_dir, channel.tracking_uri)
+        with self.lock:
+            link = self._links.get(key)
+            if link is None:
+                link = Link(
+                    channel.spool_dir,
+                    channel.tracking_uri,
+                    timeout=channel.timeout,
+                    linger=self.linger,
+                    mode=self.mode,
+                    own_paths=lambda: self._own_paths(key),
+                )
+                self._links[key] = link
+            return link
+
+    def _own_paths(self, key: tuple[Path, str]) -> set[Path]:
+        """The spool files this process writes for one spool dir and store."""
+        paths = set()
+        for channel in self.channels(key[1]):
+            writer = channel.writer
+            if channel.spool_dir == key[0] and writer is not None and writer.path is not None:
+                paths.add(writer.path)
+        return paths
+
+    def store_down(self, channel: Channel) -> bool:
+        sender = self.sender(channel)
+        if sender.down or sender.outage_waited:
+            return True
+        return channel.in_file > 0 and bool(self.link(channel).status().get("down"))
+
+    # Spooling ------------------------------------------------------------------
+
     def _spool_loop(self) -> None:
         while not self._stop.is_set():
             tick = min((c.flush_interval for c in self.channels()), default=1.0)
@@ -205,36 +344,122 @@ class Worker:
                 log.exception("trainkit-tracking spooler failed; retrying")
 
     def spool_once(self) -> None:
-        staged: list[tuple[Channel, list[Record | Barrier]]] = []
+        staged: list[tuple[Channel, list[Record], list[Record], list[Barrier]]] = []
         for channel in self.channels():
             with channel.lock:
                 if not channel.queue:
                     continue
                 out = channel.collect()
                 records = [r for r in out if isinstance(r, dict)]
-                channel.outstanding += len(records)
-                staged.append((channel, out))
+                barriers = [b for b in out if isinstance(b, Barrier)]
+                channel.unsettled.update(r["n"] for r in records)
+                channel.barriers.extend(barriers)
+                in_file: list[Record] = []
                 if records and channel.spool_ok:
                     if channel.writer is None or channel.writer.closed:
                         channel.open_writer()
                     if channel.writer is not None and channel.spool_ok:
                         try:
                             channel.writer.append(records)
+                            in_file = records
                         except OSError as exc:
                             channel.spool_failed(exc)
-        for channel, _ in staged:
-            if channel.writer is not None and channel.spool_ok:
+                channel.in_file += len(in_file)
+                in_memory = [] if in_file else self._hold(channel, records)
+                staged.append((channel, in_file, in_memory, barriers))
+        for channel, in_file, _, _ in staged:
+            if in_file and channel.writer is not None and channel.spool_ok:
                 try:
                     channel.writer.sync_to_disk()
                 except OSError as exc:
                     channel.spool_failed(exc)
-        # Handed to the sender only once on disk: a record is spooled before it is sent.
-        for channel, out in staged:
-            outbox = self.sender(channel).outbox
-            for item in out:
-                if isinstance(item, Barrier):
-                    item.spooled.set()
-                outbox.put((channel, item))
+        # A record is on disk before anything sends it.
+        for channel, in_file, in_memory, barriers in staged:
+            for barrier in barriers:
+                barrier.spooled.set()
+            if in_file:
+                self.link(channel).ensure()
+            if in_memory:
+                outbox = self.sender(channel).outbox
+                for record in in_memory:
+                    outbox.put((channel, record))
+            with channel.lock:
+                channel.release()
+        if staged:
+            self._ack_kick.set()
+
+    def _hold(self, channel: Channel, records: list[Record]) -> list[Record]:
+        """Records no spool keeps, sent from memory: bounded, the excess is dropped."""
+        kept = []
+        for record in records:
+            points = len(record.get("m", ())) if record["t"] == "b" else 0
+            if points and channel.memory_points + points > self.max_memory_points:
+                channel.dropped += points
+                channel.unsettled.discard(record["n"])
+                channel.failed += 1
+                if channel.dropped == points:
+                    warn(
+                        f"run {channel.run_id}: the store does not answer and the spool cannot "
+                        f"be written, so unsent points are held in memory up to "
+                        f"TRAINKIT_MAX_MEMORY_MB; beyond it they are dropped (from now on)"
+                    )
+                continue
+            channel.memory_points += points
+            kept.append(record)
+        return kept
+
+    # Acknowledgements ----------------------------------------------------------
+
+    def _ack_loop(self) -> None:
+        while not self._stop.is_set():
+            waiting = False
+            try:
+                waiting = self.poll_acks()
+            except Exception:
+                log.exception("trainkit-tracking could not read the sender's marks; retrying")
+            self._ack_kick.wait(0.005 if waiting else 0.2)
+            self._ack_kick.clear()
+
+    def poll_acks(self) -> bool:
+        """Settle what the sender marked; returns whether a wait is pending on a mark."""
+        waiting = False
+        for channel in self.channels():
+            if not channel.in_file:
+                self._maybe_close(channel)
+                continue
+            stored = False
+            for mark in channel.read_acks():
+                kind, seq = mark.get("t"), int(mark.get("n", 0))
+                if kind == "r":
+                    channel.warn_refused([str(w) for w in mark.get("why", ())])
+                elif kind == "k":
+                    what = str(mark.get("what") or "a record")
+                    channel.warn_kept(what, "; ".join(str(w) for w in mark.get("why", ())))
+                elif kind != "d":
+                    continue
+                stored = stored or kind == "d"
+                channel.settle(seq, ok=kind == "d", in_file=True, kept=kind == "k")
+            if stored:
+                self.sender(channel).outage_waited = False
+            if channel.in_file:
+                self.link(channel).ensure()  # a sender that died is started again
+                waiting = waiting or bool(channel.barriers)
+            self._maybe_close(channel)
+        return waiting
+
+    def _maybe_close(self, channel: Channel) -> None:
+        """Close an ended run's spool once everything is settled and delete it."""
+        with self.lock, channel.lock:
+            if not channel.ended or channel.queue or channel.unsettled:
+                return
+            if channel.writer is not None and channel.pid == os.getpid():
+                try:
+                    channel.writer.close(delete=False)  # deleted: nothing in it is unsent
+                except OSError as exc:
+                    log.debug("closing the spool of run %s: %s", channel.run_id, exc)
+            self.unregister(channel)
+
+    # Waiting -------------------------------------------------------------------
 
     def wait(
         self, channel: Channel, barrier: Barrier, timeout: float | None, *, ending: bool = False
@@ -259,7 +484,7 @@ class Worker:
         return False
 
     def drain(self, deadline: float) -> bool:
-        """Send what is pending until ``deadline``; delete fully stored spools."""
+        """Wait until ``deadline`` for what is pending to be stored; delete stored spools."""
         waits = []
         for channel in self.channels():
             barrier = Barrier()
@@ -269,34 +494,36 @@ class Worker:
         ok = True
         for channel, barrier in waits:
             self.wait(channel, barrier, max(0.0, deadline - time.monotonic()), ending=True)
-            settled = barrier.event.is_set()  # refused items were warned about already
-            ok = ok and settled
-            with channel.lock:
-                clean = settled and not channel.queue and not channel.outstanding
-                if clean and channel.writer is not None and os.getpid() == channel.pid:
-                    with contextlib.suppress(OSError):
-                        channel.writer.close(delete=False)
+            ok = ok and barrier.event.is_set()  # refused items were warned about already
         return ok
 
     def shutdown(self, deadline: float) -> bool:
-        """DRAINING until ``deadline`` (or all is stored), then STOPPED: the one exit path."""
+        """DRAINING until ``deadline`` (or all is stored), then STOPPED: the one exit path.
+
+        What is left stays in the spool, where the sender process goes on sending it."""
         if self.state is not State.RUNNING:
             return True
         self.state = State.DRAINING
         try:
             ok = self.drain(deadline)
+            with contextlib.suppress(Exception):
+                self.poll_acks()
         finally:
             self.state = State.STOPPED
             self._stop.set()
             self._kick.set()
+            self._ack_kick.set()
             with self.lock:
                 senders = list(self._senders.values())
+                links = list(self._links.values())
             for sender in senders:
                 sender.stop()
+            for link in links:
+                link.stop()
             for channel in self.channels():
                 if channel.writer is not None and channel.pid == os.getpid():
                     with contextlib.suppress(OSError):
-                        channel.writer.close(delete=False)
+                        channel.writer.close(delete=not channel.unsettled)
         return ok
 
 
@@ -307,63 +534,52 @@ def _remaining(deadline: float | None, cap: float | None = None) -> float | None
     return left if cap is None else min(left, cap)
 
 
+WAKE = object()  # put in a Sender's outbox to look at the heartbeat schedule again
+
+
 class Sender:
-    """Sends the records of one tracking URI in order, with retries, and the heartbeats."""
+    """The in-process side of one tracking URI: heartbeats, and sending what no spool
+    could keep (a spool dir that is not writable), in order, with backoff."""
 
     def __init__(self, worker: Worker, uri: str, timeout: float) -> None:
         self.worker = worker
         self.uri = uri
         self.store = Store(uri, timeout=timeout, retries=False)  # the sender has its own backoff
-        self.outbox: queue.SimpleQueue[tuple[Channel, Record | Barrier] | None] = (
-            queue.SimpleQueue()
-        )
+        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.down = False  # the last try failed with a transient error
         self.outage_waited = False  # a wait timed out since the last record was stored
         self._stopped = threading.Event()
-        threading.Thread(target=self._loop, name="trainkit-sender", daemon=True).start()
+        threading.Thread(target=self._loop, name="trainkit-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
         self.outbox.put(None)
 
     def _loop(self) -> None:
-        try:
-            # Import mlflow and open the store now, in the background: once the interpreter
-            # shuts down, imports that register exit hooks (concurrent.futures) fail.
-            self.store.client  # noqa: B018
-        except Exception as exc:
-            log.debug("opening the store %s failed (retried when sending): %s", self.uri, exc)
         while not self._stopped.is_set():
             try:
                 item = self.outbox.get(timeout=self._until_heartbeat())
             except queue.Empty:
                 item = None
-            if item is not None:
+            if item is not None and item is not WAKE:
                 channel, record = item
                 try:
                     self._deliver(channel, record)
-                except Exception:  # this thread must go on; the record stays in the spool
+                except Exception:  # this thread must go on
                     log.exception("trainkit-tracking sender failed on run %s", channel.run_id)
             try:
                 self._heartbeats()
             except Exception:
                 log.exception("trainkit-tracking heartbeat failed")
 
-    def _deliver(self, channel: Channel, item: Record | Barrier) -> None:
-        if isinstance(item, Barrier):
-            item.ok = channel.failed == 0
-            item.event.set()
-            self._maybe_close(channel)
-            return
+    def _deliver(self, channel: Channel, record: Record) -> None:
         attempt = 0
         while not self._stopped.is_set():
             try:
-                if item["t"] == "a" and not os.path.exists(item["src"]):
-                    raise FileNotFoundError(f"artifact {item['src']!r} no longer exists")
-                refused = send_record(self.store, channel.run_id, item)
+                if record["t"] == "a" and not os.path.exists(record["src"]):
+                    raise FileNotFoundError(f"artifact {record['src']!r} no longer exists")
+                refused = send_record(self.store, channel.run_id, record)
             except Exception as exc:
-                if item["t"] == "a" and attempt == 0:
-                    self._note_checksum(channel, item)
                 if is_transient(exc) and not isinstance(exc, FileNotFoundError):
                     attempt += 1
                     self.down = True
@@ -371,81 +587,20 @@ class Sender:
                     log.debug("store %s unavailable (%s); retry in %.1fs", self.uri, exc, delay)
                     self._stopped.wait(delay)
                     continue
-                self._kept(channel, item, exc)
+                channel.warn_kept(_what(record), str(exc))
+                self._done(channel, record, ok=False)
                 return
             self.down = self.outage_waited = False
             if refused:
-                self._refused(channel, item, refused)
-            else:
-                self._settle(channel, item, done=True)
+                channel.warn_refused(refused)
+            self._done(channel, record, ok=not refused)
             return
 
-    def _note_checksum(self, channel: Channel, record: Record) -> None:
-        with contextlib.suppress(OSError):
-            digest = checksum(Path(record["src"]))
-            if channel.writer is not None:
-                channel.writer.note({"t": "s", "n": record["n"], "sha256": digest})
-
-    def _kept(self, channel: Channel, record: Record, exc: Exception) -> None:
-        """The store refused the whole record (a deleted run, a file gone): never retried
-        here; it stays in the spool, for ``sync`` once the cause is fixed."""
-        channel.failed += 1
-        where = (
-            f"it stays in the spool ({channel.writer.path}); fix the cause and run "
-            "`trainkit-tracking sync`"
-            if channel.writer is not None and channel.writer.path is not None
-            else "the spool is not writable, so it is lost"
-        )
-        message = (
-            f"the tracking store refused {_what(record)} of run {channel.run_id}: "
-            f"{redact_value(str(exc))}; {where}."
-        )
-        if channel.failed == 1:
-            warn(message + " Later failures of this run are only logged.")
-        else:
-            log.warning("%s", message)
-        self._settle(channel, record, done=False)
-
-    def _refused(self, channel: Channel, record: Record, reasons: list[str]) -> None:
-        """Items refused for good (a bad or conflicting value): the rest of the record was
-        stored; the refusal is recorded in the spool, so ``sync`` never retries them."""
-        channel.failed += 1
-        text = "; ".join(redact_value(r) for r in reasons[:5])
-        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
-        message = (
-            f"the tracking store refused {text}{more} of run {channel.run_id}; the rest of "
-            "its data is stored. Fix the value (or log it under another key)."
-        )
-        warn(message)
+    def _done(self, channel: Channel, record: Record, *, ok: bool) -> None:
         with channel.lock:
-            channel.outstanding -= 1
-            if channel.writer is not None:
-                try:
-                    channel.writer.mark_refused(record["n"], reasons)
-                except OSError as exc:
-                    log.debug("could not record the refusal in the spool: %s", exc)
-
-    def _settle(self, channel: Channel, record: Record, *, done: bool) -> None:
-        with channel.lock:
-            channel.outstanding -= 1
-            if done and channel.writer is not None:
-                try:
-                    channel.writer.mark_done(record["n"])
-                except OSError as exc:  # kept in memory and written later by the writer
-                    log.debug("could not mark record %s done: %s", record["n"], exc)
-
-    def _maybe_close(self, channel: Channel) -> None:
-        """Close an ended run's spool once everything is settled and delete it."""
-        with self.worker.lock, channel.lock:
-            if not channel.ended or channel.queue or channel.outstanding:
-                return
-            if channel.writer is not None:
-                try:
-                    # Deleted unless a record was kept for `sync` (see close()).
-                    channel.writer.close(delete=False)
-                except OSError as exc:
-                    log.debug("closing the spool of run %s: %s", channel.run_id, exc)
-            self.worker.unregister(channel)
+            channel.memory_points -= len(record.get("m", ())) if record["t"] == "b" else 0
+        channel.settle(record["n"], ok=ok, in_file=False)
+        self.worker._maybe_close(channel)
 
     def _until_heartbeat(self) -> float:
         due = [c.next_heartbeat for c in self.worker.channels(self.uri) if c.heartbeat_on]

@@ -52,7 +52,10 @@ SERVER_ENV = {
 }
 REQUIRE_POSTGRES_VAR = "TRAINKIT_REQUIRE_POSTGRES"
 # Test-session switches that trainkit_store must not clear with the other TRAINKIT_* vars.
-_KEPT_TRAINKIT_VARS = frozenset({"TRAINKIT_NETGUARD", REQUIRE_POSTGRES_VAR})
+# Kept: how this machine's processes send (a session-wide choice, not a leaked handover).
+_KEPT_TRAINKIT_VARS = frozenset(
+    {"TRAINKIT_NETGUARD", REQUIRE_POSTGRES_VAR, _env.TRAINKIT_SENDER, _env.TRAINKIT_SENDER_LINGER}
+)
 _CLEARED_MLFLOW_VARS = (
     _env.MLFLOW_EXPERIMENT_NAME,
     _env.MLFLOW_EXPERIMENT_ID,
