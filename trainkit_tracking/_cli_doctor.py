@@ -53,6 +53,7 @@ _ORDER = (
     "azureml-mlflow",
     "store",
     "spool",
+    "senders",
     "environment",
 )
 
@@ -198,10 +199,26 @@ def _check_spool(spool_dir: Path | None, report: Report) -> None:
         report.problems.append(f"the spool {directory} cannot be read: {describe(exc)}")
         return
     report.add("spool", f"{count} pending record{'s' * (count != 1)} in {directory}")
+    from trainkit_tracking._sender import senders
+
+    running = senders(directory)
+    report.add(
+        "senders",
+        "; ".join(
+            f"pid {s.get('pid', '?')} sending to {s.get('uri', '?')}"
+            + (" (the store does not answer; retrying)" if s.get("down") else "")
+            for s in running
+        )
+        or "none running",
+    )
     if count:
         report.warnings.append(
-            f"{count} spooled record{'s are' if count != 1 else ' is'} not stored yet: live "
-            "runs send theirs themselves; for processes that ended, run `trainkit-tracking sync`"
+            f"{count} spooled record{'s are' if count != 1 else ' is'} not stored yet: "
+            + (
+                "a sender process sends them once the store answers"
+                if running
+                else "for processes that ended, run `trainkit-tracking sync`"
+            )
         )
 
 

@@ -166,7 +166,7 @@ def reap_lines(report: ReapReport) -> list[str]:
 def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
     """What ``sync`` sent (or would send), what it left alone and what went wrong."""
     verb = "would send" if report.dry_run else "sent"
-    if not report.files and not report.busy:
+    if not report.files and not report.busy and not report.sending:
         lines = [f"nothing to send: no spool files in {spool_dir}"]
     else:
         lines = [
@@ -178,6 +178,11 @@ def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
     if report.busy:
         lines.append(
             f"skipped {plural(report.busy, 'file')} in use by a live process or another sync"
+        )
+    if report.sending:
+        lines.append(
+            f"skipped {plural(report.sending, 'file')} that a sender process is sending "
+            "(`trainkit-tracking doctor` shows it); it stores them once the store answers"
         )
     if report.other_store:
         lines.append(f"skipped {plural(report.other_store, 'file')} of other tracking stores")

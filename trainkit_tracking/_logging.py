@@ -42,10 +42,10 @@ _GOOD_KEYS: set[str] = set()
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
 # Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
 MAX_PARAM_DEPTH = 64
-# Points queued in memory before the spooler is woken (~15 MB), and the most the queue holds
-# before a log call waits for the disk (~60 MB at ~150 B a point).
-QUEUE_KICK = 100_000
-QUEUE_MAX = 400_000
+# Points queued in memory before the spooler is woken (~1.5 MB), and the most the queue holds
+# before a log call waits for the disk (~15 MB at ~150 B a point).
+QUEUE_KICK = 10_000
+QUEUE_MAX = 100_000
 log = get_logger(__name__)
 
 

@@ -81,6 +81,21 @@ def read_status(spool_dir: Path, uid: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def senders(spool_dir: Path) -> list[dict[str, Any]]:
+    """The sender processes running for ``spool_dir``: their last status (pid, uri, down)."""
+    found = []
+    try:
+        names = sorted(os.listdir(spool_dir))
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith("sender-") and name.endswith(".lock"):
+            uid = name[len("sender-") : -len(".lock")]
+            if sender_running(spool_dir, uid):
+                found.append({"uid": uid, **read_status(spool_dir, uid)})
+    return found
+
+
 @dataclass
 class _File:
     """What the sender knows of one spool file."""
@@ -143,6 +158,8 @@ class SpoolSender:
     # The loop ------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.standalone:
+            self._write_status(True)  # who sends, from the start (doctor shows it)
         idle_since = time.monotonic()
         last_live = time.monotonic()
         while not self._stop.is_set():

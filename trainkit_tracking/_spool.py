@@ -234,8 +234,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+# Records are plain data built here: skipping the circular-reference check saves a quarter
+# of the encoding, which is most of what the training process pays to log.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def _line(record: Record) -> bytes:
-    return (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    return (_ENCODE(record) + "\n").encode("utf-8")
 
 
 def ack_path(spool_path: Path) -> Path:
@@ -366,6 +371,10 @@ def make_batches(
     points: Sequence[Point], params: Mapping[str, str], tags: Mapping[str, str]
 ) -> list[Record]:
     """Split data into log-batch records within MLflow's per-request limits (``n`` unset)."""
+    if not params and not tags:  # points only: 1000 points with keys <= 250 chars fit
+        return [
+            {"t": "b", "m": points[i : i + MAX_METRICS]} for i in range(0, len(points), MAX_METRICS)
+        ]
     batcher = _Batcher()
     for key, value in params.items():
         batcher.add("p", MAX_PARAMS, key, value)

@@ -48,6 +48,7 @@ class SyncReport:
     artifacts: int = 0
     terminated: int = 0
     busy: int = 0  # files held by a live process or by another sync: left alone
+    sending: int = 0  # files a sender process is sending: left to it
     other_store: int = 0  # files of another tracking URI than the one asked for
     other_experiment: int = 0  # runs of another experiment than the one asked for
     dropped: list[str] = field(default_factory=list)  # artifacts gone or changed on disk
@@ -147,7 +148,7 @@ def sync(
             if uid not in sender_locks:
                 sender_locks[uid] = None if dry_run else hold_lock(spool_dir, uid)
             if sender_locks[uid] is None and not dry_run:
-                report.busy += 1  # a sender process is sending this store's files
+                report.sending += 1  # a sender process is sending this store's files
                 os.close(fd)
                 held.remove((fd, spool, uri))
                 continue

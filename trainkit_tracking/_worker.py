@@ -658,10 +658,18 @@ def shutdown_worker(deadline: float) -> bool:
     if not ok:
         from trainkit_tracking import _exit
 
+        where = f"the rest is in the spool ({', '.join(spool_dirs)})"
+        if worker.mode == "process":
+            how = (
+                "the sender process sends it once the store answers (for up to "
+                f"{worker.linger:.0f} s); after that, or if the machine goes away first, "
+                "send it with `trainkit-tracking sync`"
+            )
+        else:
+            how = "send it with `trainkit-tracking sync`"
         _exit.warn_unsent(
             "trainkit-tracking: not everything was stored before exit (the tracking store "
-            f"did not answer in time); the rest is in the spool ({', '.join(spool_dirs)}): "
-            "send it with `trainkit-tracking sync`"
+            f"did not answer in time); {where}: {how}"
         )
     return ok
 
