@@ -17,14 +17,11 @@ from types import ModuleType
 
 import pytest
 from mlflow import MlflowClient
+from pg import find_postgres_bin
 
+import trainkit_tracking.testing
 from trainkit_tracking.errors import TrackingError
-from trainkit_tracking.testing import (
-    MlflowServer,
-    TrainkitStore,
-    find_postgres_bin,
-    migrated_sqlite_template,
-)
+from trainkit_tracking.testing import MlflowServer, TrainkitStore, migrated_sqlite_template
 
 GUARD_MESSAGE = "trainkit test guard: connection to"
 
@@ -63,6 +60,52 @@ def test_plugin_is_registered(pytestconfig: pytest.Config) -> None:
     plugin = pytestconfig.pluginmanager.get_plugin("trainkit_tracking")
     assert plugin is not None
     assert plugin.__name__ == "trainkit_tracking.testing"
+
+
+def test_the_plugin_ships_only_what_a_consumer_needs() -> None:
+    # The PostgreSQL cluster manager (runuser, chown as root) and the suite's switches
+    # are tests/ machinery: they must not load into every user's pytest session.
+    assert trainkit_tracking.testing.__all__ == [
+        "MlflowServer",
+        "TrainkitStore",
+        "free_port",
+        "migrated_sqlite_template",
+        "silent_server",
+        "trainkit_server",
+        "trainkit_sqlite_template",
+        "trainkit_store",
+    ]
+    source = Path(trainkit_tracking.testing.__file__).read_text(encoding="utf-8")
+    for word in ("runuser", "chown", "NETGUARD", "REQUIRE_POSTGRES", "postgres"):
+        assert word not in source, word
+
+
+@pytest.mark.slow
+def test_plugin_store_clears_every_trainkit_variable(tmp_path: Path) -> None:
+    # A consumer's session: the plugin alone, without this suite's conftest override.
+    (tmp_path / "test_consumer_env.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            def test_env(trainkit_store):
+                left = sorted(n for n in os.environ if n.startswith("TRAINKIT_"))
+                assert left == ["TRAINKIT_SPOOL_DIR"], left
+                assert os.environ["TRAINKIT_SPOOL_DIR"] == str(trainkit_store.root / "spool")
+            """
+        )
+    )
+    env = {**os.environ, "TRAINKIT_PROJECT": "from-the-shell", "TRAINKIT_ANYTHING": "x"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
 
 
 def test_importing_the_plugin_loads_no_mlflow() -> None:
