@@ -68,6 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
     mp.setenv("PYTHONPATH", f"{NETGUARD_DIR}{os.pathsep}{old}" if old else str(NETGUARD_DIR))
     mp.setenv(netguard.ENV_VAR, "1")
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Hugging Face reads this when it is imported, at collection: set it before any test
+    # module loads. Online mode could not work anyway (the guard allows only loopback).
+    mp.setenv("HF_HUB_OFFLINE", "1")
     for name in ("NO_PROXY", "no_proxy"):
         # A developer's HTTP proxy must not sit between the tests and their local servers.
         current = os.environ.get(name)

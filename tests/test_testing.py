@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import http.client
 import os
 import socket
@@ -325,9 +326,56 @@ def test_session_environment() -> None:
     assert Path(first) == Path(__file__).parent / "netguard"
     assert os.environ["TRAINKIT_NETGUARD"] == "1"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
     spool = Path(os.environ["TRAINKIT_SPOOL_DIR"])
     assert spool.is_dir()
     assert spool.name.startswith("spool")
+
+
+def _module_level_environ_writes(tree: ast.Module) -> list[int]:
+    """Lines of statements outside any function or class that write os.environ."""
+    writes = ("__setitem__", "__delitem__", "setdefault", "update", "pop", "clear")
+    found: list[int] = []
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        targets: list[ast.expr] = []
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Subscript) and ast.unparse(target.value) == "os.environ":
+                found.append(node.lineno)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in writes
+            and ast.unparse(node.func.value) == "os.environ"
+        ) or (
+            isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.putenv", "os.unsetenv")
+        ):
+            found.append(node.lineno)
+        pending.extend(ast.iter_child_nodes(node))
+    return sorted(found)
+
+
+def test_no_test_module_writes_the_environment_at_import() -> None:
+    # Suite-wide variables are set in conftest.pytest_configure (children inherit them),
+    # per-test ones with monkeypatch: an import-time write leaks into every later test.
+    sample = ast.parse(
+        'import os\nos.environ["A"] = "1"\nos.environ.setdefault("B", "2")\n'
+        "def f():\n    os.environ['C'] = '3'\n"
+    )
+    assert _module_level_environ_writes(sample) == [2, 3]
+    offenders = {
+        str(path.relative_to(Path(__file__).parent)): lines
+        for path in sorted(Path(__file__).parent.rglob("*.py"))
+        if (lines := _module_level_environ_writes(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert offenders == {}
 
 
 def test_pytest_socket_allows_only_loopback(pytestconfig: pytest.Config) -> None:
