@@ -23,8 +23,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The PostgreSQL cluster manager is the test suite's (tests/pg.py), not the package's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from trainkit_tracking.testing import MlflowServer, PostgresCluster
+from pg import PostgresCluster
+
+from trainkit_tracking.testing import MlflowServer
 
 OURS = """
 import os, sys, time

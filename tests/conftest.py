@@ -1,4 +1,5 @@
-"""Suite-wide setup: the loopback-only network guard, in this process and in every child."""
+"""Suite-wide setup: the loopback-only network guard, in this process and in every child;
+the suite's own switches; the PostgreSQL-backed server fixture (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pg import PostgresCluster, postgres_unavailable_reason
+
+from trainkit_tracking.testing import MlflowServer, TrainkitStore
 
 NETGUARD_DIR = Path(__file__).resolve().parent / "netguard"
 _MONKEYPATCH = pytest.StashKey[pytest.MonkeyPatch]()
+_SWITCHES = pytest.StashKey[dict[str, str]]()
 _LOOPBACK = "127.0.0.1,localhost,::1"
+REQUIRE_POSTGRES_VAR = "TRAINKIT_REQUIRE_POSTGRES"  # set by .ci/run: a skip is a failure
 
 
 def _load_netguard() -> ModuleType:
@@ -67,10 +73,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # default (a sender process); TRAINKIT_SENDER=process runs any test file that way.
     mp.setenv("TRAINKIT_SENDER", os.environ.get("TRAINKIT_SENDER") or "thread")
     mp.setenv("TRAINKIT_SENDER_LINGER", os.environ.get("TRAINKIT_SENDER_LINGER") or "30")
+    # Hugging Face reads this when it is imported, at collection: set it before any test
+    # module loads. Online mode could not work anyway (the guard allows only loopback).
+    mp.setenv("HF_HUB_OFFLINE", "1")
     for name in ("NO_PROXY", "no_proxy"):
         # A developer's HTTP proxy must not sit between the tests and their local servers.
         current = os.environ.get(name)
         mp.setenv(name, f"{current},{_LOOPBACK}" if current else _LOOPBACK)
+    config.stash[_SWITCHES] = {
+        name: os.environ[name]
+        for name in (
+            netguard.ENV_VAR,
+            REQUIRE_POSTGRES_VAR,
+            "TRAINKIT_SENDER",
+            "TRAINKIT_SENDER_LINGER",
+        )
+        if name in os.environ
+    }
     netguard.install()
     _keep_guard_under_pytest_socket()
     # Without entry-point autoload (PYTEST_DISABLE_PLUGIN_AUTOLOAD) our fixtures still load.
@@ -111,3 +130,36 @@ def silent_port() -> Iterator[int]:
         srv.bind(("127.0.0.1", 0))
         srv.listen(16)
         yield srv.getsockname()[1]
+
+
+@pytest.fixture
+def trainkit_store(
+    trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPatch, pytestconfig: pytest.Config
+) -> TrainkitStore:
+    """The plugin's store, with the suite's switches set again (it clears every TRAINKIT_*)."""
+    for name, value in pytestconfig.stash[_SWITCHES].items():
+        monkeypatch.setenv(name, value)
+    return trainkit_store
+
+
+@pytest.fixture(scope="session")
+def trainkit_postgres_server(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[MlflowServer]:
+    """An `mlflow server` backed by a throwaway PostgreSQL cluster, for the session.
+
+    Skips when PostgreSQL is not installed, unless TRAINKIT_REQUIRE_POSTGRES=1.
+    """
+    reason = postgres_unavailable_reason()
+    if reason is not None:
+        if pytestconfig.stash[_SWITCHES].get(REQUIRE_POSTGRES_VAR) == "1":
+            pytest.fail(f"{reason}, and {REQUIRE_POSTGRES_VAR}=1 requires PostgreSQL")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("trainkit-postgres")
+    with PostgresCluster() as cluster:
+        # A fresh database: the server migrates it on start, so allow longer than sqlite.
+        server = MlflowServer(cluster.uri, root / "artifacts").start(timeout=120)
+        try:
+            yield server
+        finally:
+            server.stop()

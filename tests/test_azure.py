@@ -855,3 +855,54 @@ def test_live_workspace(tmp_path: Any) -> None:
     assert out["parent"] == out["sweep"]
     assert out["f1"] == 0.5 and out["status"] == "FINISHED"
     assert _LIVE_ENV["AZURE_CLIENT_SECRET"] not in result.stdout + result.stderr
+
+
+# docs/versions.md: a version claim is a hidden experiment whose name must stay reserved once
+# hidden. Azure ML archives deleted experiments, and an archived experiment's name can be
+# taken by a new active one (azureml-core 1.0.69 release notes); this checks what the
+# workspace does today.
+LIVE_CLAIM_SCRIPT = textwrap.dedent(
+    """
+    import json, uuid
+    from trainkit_tracking import Tracker, _store
+    tracker = Tracker("trainkit-tracking-live", fallback_to_local=False, azure_timeout=120)
+    uri, experiment_id = tracker.setup()
+    store = tracker._store
+    base = f"live-claims-{uuid.uuid4().hex[:8]}"
+    first = store.claim_version(experiment_id, base)
+    _store._drain_hides()  # the claim is hidden (deleted) before its name is tried again
+    name = _store.claim_experiment_name(experiment_id, base, first)
+    try:
+        store.client.create_experiment(name)
+        outcome = "created again"
+    except Exception as exc:
+        outcome = "already exists" if _store.is_already_exists(exc) else f"other: {exc}"
+    print(json.dumps({
+        "outcome": outcome,
+        "readable": store._claimed(experiment_id, base, first),
+        "first": first,
+        "second": store.claim_version(experiment_id, base),
+    }))
+    """
+)
+
+
+@pytest.mark.azure
+@pytest.mark.skipif(_live_skip_reason() is not None, reason=str(_live_skip_reason()))
+def test_live_hidden_claim_keeps_its_name(tmp_path: Any) -> None:
+    env = {**os.environ, **{k: v for k, v in _LIVE_ENV.items() if v}, "TRAINKIT_NETGUARD": "0"}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", LIVE_CLAIM_SCRIPT],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # Reused names would hand the same version to two runs.
+    assert out["outcome"] == "already exists", out
+    assert out["second"] == out["first"] + 1, out

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from trainkit_tracking import RunSpec, Tracker, TrackingWarning
 from trainkit_tracking.testing import TrainkitStore
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# HF_HUB_OFFLINE=1 is set for the whole session by conftest.pytest_configure.
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")

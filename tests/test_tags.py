@@ -18,8 +18,6 @@ from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWa
 from trainkit_tracking._tags import TagKeys, TagSet, creation_tags, validate_tag_key
 from trainkit_tracking._version import __version__
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 ENV = {"USER": "ana"}
 SV = "9.9.9"
 STUDY = "350a79aa" + "0" * 56

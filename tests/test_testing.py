@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import http.client
 import os
 import socket
@@ -17,14 +18,11 @@ from types import ModuleType
 
 import pytest
 from mlflow import MlflowClient
+from pg import find_postgres_bin
 
+import trainkit_tracking.testing
 from trainkit_tracking.errors import TrackingError
-from trainkit_tracking.testing import (
-    MlflowServer,
-    TrainkitStore,
-    find_postgres_bin,
-    migrated_sqlite_template,
-)
+from trainkit_tracking.testing import MlflowServer, TrainkitStore, migrated_sqlite_template
 
 GUARD_MESSAGE = "trainkit test guard: connection to"
 
@@ -63,6 +61,52 @@ def test_plugin_is_registered(pytestconfig: pytest.Config) -> None:
     plugin = pytestconfig.pluginmanager.get_plugin("trainkit_tracking")
     assert plugin is not None
     assert plugin.__name__ == "trainkit_tracking.testing"
+
+
+def test_the_plugin_ships_only_what_a_consumer_needs() -> None:
+    # The PostgreSQL cluster manager (runuser, chown as root) and the suite's switches
+    # are tests/ machinery: they must not load into every user's pytest session.
+    assert trainkit_tracking.testing.__all__ == [
+        "MlflowServer",
+        "TrainkitStore",
+        "free_port",
+        "migrated_sqlite_template",
+        "silent_server",
+        "trainkit_server",
+        "trainkit_sqlite_template",
+        "trainkit_store",
+    ]
+    source = Path(trainkit_tracking.testing.__file__).read_text(encoding="utf-8")
+    for word in ("runuser", "chown", "NETGUARD", "REQUIRE_POSTGRES", "postgres"):
+        assert word not in source, word
+
+
+@pytest.mark.slow
+def test_plugin_store_clears_every_trainkit_variable(tmp_path: Path) -> None:
+    # A consumer's session: the plugin alone, without this suite's conftest override.
+    (tmp_path / "test_consumer_env.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            def test_env(trainkit_store):
+                left = sorted(n for n in os.environ if n.startswith("TRAINKIT_"))
+                assert left == ["TRAINKIT_SPOOL_DIR"], left
+                assert os.environ["TRAINKIT_SPOOL_DIR"] == str(trainkit_store.root / "spool")
+            """
+        )
+    )
+    env = {**os.environ, "TRAINKIT_PROJECT": "from-the-shell", "TRAINKIT_ANYTHING": "x"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
 
 
 def test_importing_the_plugin_loads_no_mlflow() -> None:
@@ -282,9 +326,56 @@ def test_session_environment() -> None:
     assert Path(first) == Path(__file__).parent / "netguard"
     assert os.environ["TRAINKIT_NETGUARD"] == "1"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
     spool = Path(os.environ["TRAINKIT_SPOOL_DIR"])
     assert spool.is_dir()
     assert spool.name.startswith("spool")
+
+
+def _module_level_environ_writes(tree: ast.Module) -> list[int]:
+    """Lines of statements outside any function or class that write os.environ."""
+    writes = ("__setitem__", "__delitem__", "setdefault", "update", "pop", "clear")
+    found: list[int] = []
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        targets: list[ast.expr] = []
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Subscript) and ast.unparse(target.value) == "os.environ":
+                found.append(node.lineno)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in writes
+            and ast.unparse(node.func.value) == "os.environ"
+        ) or (
+            isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.putenv", "os.unsetenv")
+        ):
+            found.append(node.lineno)
+        pending.extend(ast.iter_child_nodes(node))
+    return sorted(found)
+
+
+def test_no_test_module_writes_the_environment_at_import() -> None:
+    # Suite-wide variables are set in conftest.pytest_configure (children inherit them),
+    # per-test ones with monkeypatch: an import-time write leaks into every later test.
+    sample = ast.parse(
+        'import os\nos.environ["A"] = "1"\nos.environ.setdefault("B", "2")\n'
+        "def f():\n    os.environ['C'] = '3'\n"
+    )
+    assert _module_level_environ_writes(sample) == [2, 3]
+    offenders = {
+        str(path.relative_to(Path(__file__).parent)): lines
+        for path in sorted(Path(__file__).parent.rglob("*.py"))
+        if (lines := _module_level_environ_writes(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert offenders == {}
 
 
 def test_pytest_socket_allows_only_loopback(pytestconfig: pytest.Config) -> None:

@@ -7,13 +7,16 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError
+from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError, _store
+from trainkit_tracking._store import Store
 from trainkit_tracking.testing import TrainkitStore
 
 STUDY = "350a79aa0000ffff"
@@ -477,6 +480,27 @@ def test_versions_stay_unique_after_mlflow_gc_purges_the_claims(
     third = later.start_run(spec)
     assert names[1].endswith("_2") and third.name.endswith("_3")
     third.end()
+
+
+@pytest.mark.parametrize("where", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
+def test_a_hidden_claim_keeps_its_number_reserved(
+    where: str, trainkit_store: TrainkitStore, request: pytest.FixtureRequest
+) -> None:
+    # What versions rest on (docs/versions.md): a soft-deleted claim's name is still taken.
+    uri = (
+        trainkit_store.uri if where == "sqlite" else request.getfixturevalue("trainkit_server").uri
+    )
+    store = Store(uri)
+    experiment_id = store.get_or_create_experiment(f"claims-{uuid.uuid4().hex[:8]}")
+    first = store.claim_version(experiment_id, "base")
+    _store._drain_hides()
+    name = _store.claim_experiment_name(experiment_id, "base", first)
+    hidden = MlflowClient(uri).get_experiment_by_name(name)
+    assert hidden is not None and hidden.lifecycle_stage == "deleted"
+    with pytest.raises(MlflowException) as taken:
+        MlflowClient(uri).create_experiment(name)
+    assert _store.is_already_exists(taken.value)
+    assert store.claim_version(experiment_id, "base") == first + 1
 
 
 def test_uncaught_error_ends_open_runs_failed(trainkit_store: TrainkitStore) -> None:

@@ -1,7 +1,8 @@
 """Pytest plugin with isolated MLflow stores and servers for tests of code that tracks runs.
 
 Loaded in every pytest session of anyone who installs the package (entry point pytest11),
-so importing it stays cheap: mlflow, sqlite3 and http.client are imported inside functions.
+so it holds only what a consumer's tests use (this repo's own test machinery is in tests/)
+and importing it stays cheap: mlflow, sqlite3 and http.client are imported inside functions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,13 +30,10 @@ from trainkit_tracking.errors import TrackingError
 
 __all__ = [
     "MlflowServer",
-    "PostgresCluster",
     "TrainkitStore",
-    "find_postgres_bin",
     "free_port",
     "migrated_sqlite_template",
     "silent_server",
-    "trainkit_postgres_server",
     "trainkit_server",
     "trainkit_sqlite_template",
     "trainkit_store",
@@ -50,31 +47,20 @@ SERVER_ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
-REQUIRE_POSTGRES_VAR = "TRAINKIT_REQUIRE_POSTGRES"
-# Test-session switches that trainkit_store must not clear with the other TRAINKIT_* vars.
-# Kept: how this machine's processes send (a session-wide choice, not a leaked handover).
-_KEPT_TRAINKIT_VARS = frozenset(
-    {"TRAINKIT_NETGUARD", REQUIRE_POSTGRES_VAR, _env.TRAINKIT_SENDER, _env.TRAINKIT_SENDER_LINGER}
-)
 _CLEARED_MLFLOW_VARS = (
     _env.MLFLOW_EXPERIMENT_NAME,
     _env.MLFLOW_EXPERIMENT_ID,
     *_env.STALE_HANDOVER,
 )
 _TEMPLATE_NAME = "mlflow-template.db"
-_PG_BIN_NAMES = ("initdb", "pg_ctl", "postgres", "createdb")
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on (yet): a store that refuses connections."""
-    return _free_port(host)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @contextlib.contextmanager
@@ -103,10 +89,6 @@ def silent_server(host: str = "127.0.0.1") -> Iterator[str]:
         for conn in held:
             conn.close()
         listener.close()
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -200,7 +182,7 @@ class MlflowServer:
         self.artifacts_dir = Path(artifacts_dir).resolve()
         self.host = host
         self._auto_port = port is None
-        self.port: int = _free_port(host) if port is None else port
+        self.port: int = free_port(host) if port is None else port
         self.log_path = (
             Path(log_path) if log_path is not None else self.artifacts_dir.parent / "server.log"
         )
@@ -250,7 +232,7 @@ class MlflowServer:
                 logger.debug("mlflow server up at %s (pid %s)", self.uri, self.pid)
                 return self
             if attempt + 1 < attempts and "address already in use" in _tail(self.log_path).lower():
-                self.port = _free_port(self.host)
+                self.port = free_port(self.host)
                 continue
             break
         tail = _tail(self.log_path)
@@ -350,180 +332,6 @@ class MlflowServer:
         return f"MlflowServer(uri={self.uri!r}, pid={self.pid!r})"
 
 
-def find_postgres_bin() -> Path | None:
-    """The directory holding initdb, pg_ctl and postgres, or None when PostgreSQL is absent."""
-    candidates: list[Path] = []
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidates.append(Path(on_path).resolve().parent)
-
-    def version(path: Path) -> tuple[int, ...]:
-        return tuple(int(p) for p in path.parent.name.split(".") if p.isdigit())
-
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
-    for directory in candidates:
-        if all((directory / name).is_file() for name in _PG_BIN_NAMES):
-            return directory
-    return None
-
-
-def postgres_unavailable_reason() -> str | None:
-    """Why PostgreSQL tests cannot run here, or None when they can."""
-    if find_postgres_bin() is None:
-        return "PostgreSQL binaries (initdb, pg_ctl, postgres) not found"
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg2") is None:
-        return "psycopg2 is not installed (mlflow server needs it): pip install psycopg2-binary"
-    if _is_root():
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "running as root and there is no 'postgres' user to run PostgreSQL as"
-        if shutil.which("runuser") is None:
-            return "running as root and runuser is missing (needed to run as 'postgres')"
-    return None
-
-
-class PostgresCluster:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, run as the postgres user when root."""
-
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        dbname: str = "mlflow",
-        bin_dir: str | os.PathLike[str] | None = None,
-        driver: str | None = "psycopg2",
-    ) -> None:
-        found = Path(bin_dir) if bin_dir is not None else find_postgres_bin()
-        if found is None:
-            raise TrackingError(
-                "PostgreSQL binaries not found; install postgresql or pass bin_dir=..."
-            )
-        self.bin_dir = found
-        self.port: int = _free_port() if port is None else port
-        self.dbname = dbname
-        self.driver = driver
-        self.user = "postgres"
-        self.base_dir: Path | None = None
-
-    @property
-    def uri(self) -> str:
-        """The SQLAlchemy URI for mlflow, with the driver named.
-
-        SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; we ship psycopg2-binary.
-        """
-        scheme = f"postgresql+{self.driver}" if self.driver else "postgresql"
-        return f"{scheme}://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
-
-    @property
-    def libpq_uri(self) -> str:
-        """The same database as a plain libpq URI (psql, psycopg2.connect)."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
-
-    @property
-    def data_dir(self) -> Path:
-        if self.base_dir is None:
-            raise TrackingError("PostgresCluster is not started; call start() first")
-        return self.base_dir / "data"
-
-    def _run(self, args: list[str], timeout: float) -> None:
-        # PostgreSQL refuses to run as root: drop to the postgres user.
-        cmd = ["runuser", "-u", self.user, "--", *args] if _is_root() else args
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-        if done.returncode != 0:
-            log = _tail(self.base_dir / "postgres.log") if self.base_dir else ""
-            raise TrackingError(
-                f"{' '.join(cmd)!r} exited {done.returncode}:\n"
-                f"{done.stdout}{done.stderr}\n{log}".rstrip()
-            )
-
-    def start(self, timeout: float = 60) -> PostgresCluster:
-        """initdb in a fresh temp dir, start the server and create the database."""
-        if self.base_dir is not None:
-            return self
-        reason = postgres_unavailable_reason()
-        if reason is not None:
-            raise TrackingError(f"cannot start PostgreSQL: {reason}")
-        # A dir of its own under the system temp dir: pytest's tmp dirs are 0700 root.
-        base = Path(tempfile.mkdtemp(prefix="trainkit-pg-"))
-        self.base_dir = base
-        (base / "sock").mkdir()
-        if _is_root():
-            import pwd
-
-            entry = pwd.getpwnam(self.user)
-            for path in (base, base / "sock"):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        else:
-            import getpass
-
-            self.user = getpass.getuser()
-        b = self.bin_dir
-        try:
-            self._run(
-                [
-                    *(str(b / "initdb"), "-D", str(self.data_dir), "-U", self.user),
-                    *("-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"),
-                ],
-                timeout,
-            )
-            options = (
-                f"-h 127.0.0.1 -p {self.port} -k {base / 'sock'} "
-                "-c fsync=off -c full_page_writes=off -c synchronous_commit=off"
-            )
-            self._run(
-                [
-                    *(str(b / "pg_ctl"), "-D", str(self.data_dir)),
-                    *("-l", str(base / "postgres.log"), "-w", "-t", str(int(timeout))),
-                    *("-o", options, "start"),
-                ],
-                timeout + 5,
-            )
-            self._run(
-                [
-                    *(str(b / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)),
-                    *("-U", self.user, self.dbname),
-                ],
-                timeout,
-            )
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (fast shutdown) and delete its data directory."""
-        base, self.base_dir = self.base_dir, None
-        if base is None:
-            return
-        data = base / "data"
-        if (data / "postmaster.pid").exists():
-            cmd = [str(self.bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
-            if _is_root():
-                cmd = ["runuser", "-u", self.user, "--", *cmd]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            if done.returncode != 0:
-                logger.warning("pg_ctl stop failed: %s%s", done.stdout, done.stderr)
-        shutil.rmtree(base, ignore_errors=True)
-
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
 @dataclass(frozen=True)
 class TrainkitStore:
     """The isolated local store of one test: `uri` is also in MLFLOW_TRACKING_URI."""
@@ -567,10 +375,11 @@ def trainkit_store(
     """A fresh sqlite store per test, with the environment pointing at it and nothing else.
 
     Sets MLFLOW_TRACKING_URI, TRAINKIT_SPOOL_DIR (tmp_path/"spool") and
-    MLFLOW_DISABLE_TELEMETRY; clears the run/experiment handover variables and TRAINKIT_*
-    (except the test switches TRAINKIT_NETGUARD and TRAINKIT_REQUIRE_POSTGRES); chdir's
-    to tmp_path so default artifact roots (./mlruns) land there. If mlflow is imported,
-    its fluent API is pointed at the store and its active run/experiment reset after.
+    MLFLOW_DISABLE_TELEMETRY; clears the run/experiment handover variables and every
+    TRAINKIT_* variable; chdir's to tmp_path so default artifact roots (./mlruns) land
+    there. If mlflow is imported, its fluent API is pointed at the store and its active
+    run/experiment reset after. A suite that needs one of its own TRAINKIT_* switches
+    kept overrides this fixture in its conftest and sets it again.
     """
     db_path = _copy_store(
         trainkit_sqlite_template,
@@ -579,7 +388,7 @@ def trainkit_store(
     )
     store = TrainkitStore(uri=_sqlite_uri(db_path), db_path=db_path, root=tmp_path)
     for name in sorted(os.environ):
-        if name.startswith(_env.TRAINKIT_PREFIX) and name not in _KEPT_TRAINKIT_VARS:
+        if name.startswith(_env.TRAINKIT_PREFIX):
             monkeypatch.delenv(name)
     for name in _CLEARED_MLFLOW_VARS:
         _clear_env(monkeypatch, name)
@@ -605,30 +414,3 @@ def trainkit_server(
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def trainkit_postgres_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[MlflowServer]:
-    """An `mlflow server` backed by a throwaway PostgreSQL cluster, for the session.
-
-    Skips when PostgreSQL is not installed, unless TRAINKIT_REQUIRE_POSTGRES=1.
-    """
-    reason = postgres_unavailable_reason()
-    if reason is not None:
-        if os.environ.get(REQUIRE_POSTGRES_VAR) == "1":
-            pytest.fail(f"{reason}, and {REQUIRE_POSTGRES_VAR}=1 requires PostgreSQL")
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("trainkit-postgres")
-    cluster = PostgresCluster().start()
-    try:
-        # A fresh database: the server migrates it on start, so allow longer than sqlite.
-        server = MlflowServer(cluster.uri, root / "artifacts")
-        server.start(timeout=120)
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        cluster.stop()
