@@ -91,8 +91,9 @@ def test_plugin_store_clears_every_trainkit_variable(tmp_path: Path) -> None:
 
             def test_env(trainkit_store):
                 left = sorted(n for n in os.environ if n.startswith("TRAINKIT_"))
-                assert left == ["TRAINKIT_SPOOL_DIR"], left
+                assert left == ["TRAINKIT_SENDER", "TRAINKIT_SPOOL_DIR"], left
                 assert os.environ["TRAINKIT_SPOOL_DIR"] == str(trainkit_store.root / "spool")
+                assert os.environ["TRAINKIT_SENDER"] == "thread"
             """
         )
     )

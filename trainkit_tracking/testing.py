@@ -376,7 +376,8 @@ def trainkit_store(
 
     Sets MLFLOW_TRACKING_URI, TRAINKIT_SPOOL_DIR (tmp_path/"spool") and
     MLFLOW_DISABLE_TELEMETRY; clears the run/experiment handover variables and every
-    TRAINKIT_* variable; chdir's to tmp_path so default artifact roots (./mlruns) land
+    TRAINKIT_* variable (and sets TRAINKIT_SENDER=thread, so that no sender process
+    outlives the test); chdir's to tmp_path so default artifact roots (./mlruns) land
     there. If mlflow is imported, its fluent API is pointed at the store and its active
     run/experiment reset after. A suite that needs one of its own TRAINKIT_* switches
     kept overrides this fixture in its conftest and sets it again.
@@ -395,6 +396,8 @@ def trainkit_store(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(_env.MLFLOW_TRACKING_URI, store.uri)
     monkeypatch.setenv(_env.TRAINKIT_SPOOL_DIR, str(tmp_path / "spool"))
+    # The test's own process sends its runs: no sender process outlives the test.
+    monkeypatch.setenv(_env.TRAINKIT_SENDER, "thread")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     _reset_mlflow_globals(store.uri)
     yield store
