@@ -275,7 +275,14 @@ def test_exit_with_three_open_runs_and_a_dead_store_is_bounded_and_sync_finishes
     server = MlflowServer(f"sqlite:///{db}", tmp_path / "artifacts").start()
     spool = tmp_path / "spool"
     go = tmp_path / "go"
-    env = {**os.environ, "TRAINKIT_SPOOL_DIR": str(spool), "PYTHONUNBUFFERED": "1"}
+    # The process sends its own spool, and `sync` the rest (test_sender.py: the sender
+    # process, which needs no sync).
+    env = {
+        **os.environ,
+        "TRAINKIT_SPOOL_DIR": str(spool),
+        "PYTHONUNBUFFERED": "1",
+        "TRAINKIT_SENDER": "thread",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-c", EXIT_SCRIPT, server.uri, str(go), mode],
         stdout=subprocess.PIPE,
