@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainkit_tracking._limits import MAX_KEY
 from trainkit_tracking._store import RunRecord, Store
 from trainkit_tracking._tags import TagKeys
 from trainkit_tracking._timeout import bounded
@@ -42,7 +43,6 @@ LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_PNG = "leaderboard.png"
 # The most a run's end spends on its summary or leaderboard when no timeout is given.
 END_TIMEOUT = 10.0
-_MAX_METRIC_KEY = 250  # MLflow's limit on metric key length
 
 
 # Pure statistics ----------------------------------------------------------------------
@@ -108,7 +108,7 @@ def summarize(
     names = {key for record in chosen for key in record.metrics if not key.startswith("system/")}
     for name in sorted(names):
         keys = [f"{PREFIX}{name}.{stat}" for stat in STATS]
-        if len(keys[0]) > _MAX_METRIC_KEY or len(keys[1]) > _MAX_METRIC_KEY:
+        if max(map(len, keys)) > MAX_KEY:
             log.debug("fold metric %r: its cv.* keys are too long for MLflow; skipped", name)
             continue
         s = stats([r.metrics[name] for r in chosen if name in r.metrics])

@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from trainkit_tracking._limits import MAX_METRICS
 from trainkit_tracking._push_lanes import Pending, call, read_ahead
 from trainkit_tracking._redact import redact_value
-from trainkit_tracking._spool import MAX_METRICS, Point, make_batches
+from trainkit_tracking._spool import Point, make_batches
 from trainkit_tracking._store import TERMINAL_STATUSES, PushRun, RunRecord, Store
 from trainkit_tracking.errors import TrackingError
 

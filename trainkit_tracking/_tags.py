@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import functools
 import os
-import posixpath
-import re
-import warnings
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from trainkit_tracking import _env
+from trainkit_tracking._limits import MAX_TAG_VALUE, check_key, cut
 from trainkit_tracking._redact import redact
 from trainkit_tracking._version import __version__
-from trainkit_tracking.errors import TagKeyError, TrackingWarning
+from trainkit_tracking.errors import TagKeyError
 from trainkit_tracking.models import HPO_KINDS, Lineage, RunKind, RunSpec, parse_training_id
-
-MAX_KEY_LENGTH = 250
-MAX_VALUE_LENGTH = 8000
-_ELLIPSIS = "..."
-# MLflow's rule for tag names on POSIX (mlflow.utils.validation.validate_param_and_metric_name).
-_KEY_RE = re.compile(r"^[/\w.\- :]*$")
 
 # Logical name -> tag key: every key of SPEC section 5, plus the ones the Tracker writes
 # later (run names, parent id, interruption, heartbeat, version bookkeeping).
@@ -170,50 +162,13 @@ _BENCH_PARENTS = (
 TRUE = "true"
 
 
-def validate_tag_key(key: object) -> str:
-    """Return ``key`` when MLflow accepts it as a tag key, else raise ``TagKeyError``.
-
-    MLflow's rules: a non-empty ``str`` of at most 250 characters, only letters, digits,
-    ``_``, ``-``, ``.``, ``/``, ``:`` and spaces, and path-safe: not ``.``, no leading
-    ``/``, no ``..``, unchanged by path normalisation (no ``//``, ``./``, trailing ``/``).
-    """
-    if not isinstance(key, str):
-        raise TagKeyError(f"tag key {key!r} is a {type(key).__name__}; tag keys must be str")
-    if not key:
-        raise TagKeyError("tag key '' is empty; give the tag a name")
-    if len(key) > MAX_KEY_LENGTH:
-        raise TagKeyError(
-            f"tag key {key!r} has {len(key)} characters; MLflow allows at most {MAX_KEY_LENGTH}"
-        )
-    if not _KEY_RE.match(key):
-        raise TagKeyError(
-            f"tag key {key!r} has a character MLflow rejects; use only letters, digits, "
-            "'_', '-', '.', '/', ':' and spaces"
-        )
-    if key == "." or key.startswith("/") or ".." in key or posixpath.normpath(key) != key:
-        raise TagKeyError(
-            f"tag key {key!r} is not path-safe ('.', a leading '/', '..', '//', './' or a "
-            "trailing '/'); MLflow treats keys as paths: rename it"
-        )
-    return key
-
-
 def _clean_value(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(
             f"tag {key!r} has a {type(value).__name__} value {value!r}; tag values must be "
             "str: convert it first (booleans as 'true'/'false', integers as plain decimals)"
         )
-    value = redact(key, value)
-    if len(value) > MAX_VALUE_LENGTH:
-        warnings.warn(
-            f"tag {key!r} has a value of {len(value)} characters; it is cut to "
-            f"{MAX_VALUE_LENGTH} (MLflow's limit), ending in {_ELLIPSIS!r}",
-            TrackingWarning,
-            stacklevel=3,
-        )
-        value = value[: MAX_VALUE_LENGTH - len(_ELLIPSIS)] + _ELLIPSIS
-    return value
+    return cut("tag", key, redact(key, value), MAX_TAG_VALUE)
 
 
 class _Frozen:
@@ -259,8 +214,8 @@ class TagKeys(_Frozen, Mapping[str, str]):
                         "UI and API read it there; remove it from the overrides"
                     )
                 try:
-                    merged[name] = validate_tag_key(key)
-                except TagKeyError as e:
+                    merged[name] = check_key(key, "tag")
+                except (TagKeyError, TypeError) as e:
                     raise TagKeyError(f"logical tag name {name!r}: {e}") from e
                 if name in FIXED and key != _DEFAULT_KEYS[name]:
                     raise TagKeyError(
@@ -369,9 +324,10 @@ _DEFAULT = TagKeys()
 class TagSet(_Frozen, Mapping[str, str]):
     """An immutable mapping of tag key -> str value, validated and redacted once.
 
-    Keys follow MLflow's rules (``TagKeyError`` otherwise); values over 8000 characters
-    are cut to 8000 ending in ``...`` with a ``TrackingWarning``; secrets are masked
-    (as everywhere in the SDK). ``a | b`` merges, ``b`` wins.
+    Keys follow MLflow's rules (``TagKeyError`` otherwise, ``TypeError`` for a key that is
+    not a ``str``), as in ``run.set_tags``; values over 8000 characters are cut to 8000
+    ending in ``...`` with a ``TrackingWarning``; secrets are masked (as everywhere in the
+    SDK). ``a | b`` merges, ``b`` wins.
     """
 
     __slots__ = ("_tags",)
@@ -383,7 +339,7 @@ class TagSet(_Frozen, Mapping[str, str]):
         else:
             clean = {}
             for key, value in (tags or {}).items():
-                validate_tag_key(key)
+                check_key(key, "tag")
                 clean[key] = _clean_value(key, value)
         object.__setattr__(self, "_tags", MappingProxyType(clean))
 
