@@ -16,7 +16,8 @@ from mlflow.utils.validation import _validate_length_limit, _validate_tag_name
 
 from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWarning, _tags
 from trainkit_tracking._limits import check_key
-from trainkit_tracking._tags import TagKeys, TagSet, creation_tags
+from trainkit_tracking._tag_keys import TagKeys
+from trainkit_tracking._tags import TagSet, creation_tags
 from trainkit_tracking._version import __version__
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -7,26 +7,23 @@ so importing it stays cheap: mlflow, sqlite3 and http.client are imported inside
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
 
 from trainkit_tracking import _env
-from trainkit_tracking.errors import TrackingError
+from trainkit_tracking._testing_postgres import PostgresCluster as PostgresCluster
+from trainkit_tracking._testing_postgres import find_postgres_bin as find_postgres_bin
+from trainkit_tracking._testing_postgres import postgres_unavailable_reason
+from trainkit_tracking._testing_servers import MlflowServer as MlflowServer
+from trainkit_tracking._testing_servers import free_port as free_port
+from trainkit_tracking._testing_servers import silent_server as silent_server
 
 __all__ = [
     "MlflowServer",
@@ -42,14 +39,7 @@ __all__ = [
     "trainkit_store",
 ]
 
-logger = logging.getLogger(__name__)
 
-# What every mlflow process started here gets: one worker and no job runner (otherwise
-# `mlflow server` forks ~15 processes), and no telemetry.
-SERVER_ENV = {
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
 REQUIRE_POSTGRES_VAR = "TRAINKIT_REQUIRE_POSTGRES"
 # Test-session switches that trainkit_store must not clear with the other TRAINKIT_* vars.
 _KEPT_TRAINKIT_VARS = frozenset({"TRAINKIT_NETGUARD", REQUIRE_POSTGRES_VAR})
@@ -59,59 +49,6 @@ _CLEARED_MLFLOW_VARS = (
     *_env.STALE_HANDOVER,
 )
 _TEMPLATE_NAME = "mlflow-template.db"
-_PG_BIN_NAMES = ("initdb", "pg_ctl", "postgres", "createdb")
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on (yet): a store that refuses connections."""
-    return _free_port(host)
-
-
-@contextlib.contextmanager
-def silent_server(host: str = "127.0.0.1") -> Iterator[str]:
-    """The URI of a port that accepts connections and never answers a byte: the store
-    that hangs, for testing that tracking calls stay bounded."""
-    listener = socket.socket()
-    listener.bind((host, 0))
-    listener.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                held.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept, name="trainkit-silent-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in held:
-            conn.close()
-        listener.close()
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _sqlite_uri(path: Path) -> str:
@@ -179,346 +116,6 @@ def _copy_store(template: Path, db_path: Path, default_artifact_location: str) -
             (default_artifact_location,),
         )
     return db_path
-
-
-class MlflowServer:
-    """An `mlflow server` subprocess on 127.0.0.1 that serves artifacts from a local dir."""
-
-    def __init__(
-        self,
-        backend_store_uri: str,
-        artifacts_dir: str | os.PathLike[str],
-        *,
-        port: int | None = None,
-        host: str = "127.0.0.1",
-        log_path: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self.backend_store_uri = backend_store_uri
-        self.artifacts_dir = Path(artifacts_dir).resolve()
-        self.host = host
-        self._auto_port = port is None
-        self.port: int = _free_port(host) if port is None else port
-        self.log_path = (
-            Path(log_path) if log_path is not None else self.artifacts_dir.parent / "server.log"
-        )
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id, or None when it is not running."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            self.backend_store_uri,
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(self.artifacts_dir),
-        ]
-
-    def start(self, timeout: float = 60) -> MlflowServer:
-        """Start the server and wait until GET /health answers; raise with the log tail if not."""
-        if self.pid is not None:
-            return self
-        # Only a port we picked ourselves may be swapped when another process grabbed it.
-        attempts = 3 if self._auto_port else 1
-        problem = ""
-        for attempt in range(attempts):
-            problem = self._launch_and_wait(timeout)
-            if not problem:
-                logger.debug("mlflow server up at %s (pid %s)", self.uri, self.pid)
-                return self
-            if attempt + 1 < attempts and "address already in use" in _tail(self.log_path).lower():
-                self.port = _free_port(self.host)
-                continue
-            break
-        tail = _tail(self.log_path)
-        self.stop()
-        raise TrackingError(
-            f"mlflow server for {self.backend_store_uri!r} on {self.uri} {problem}; "
-            f"see {str(self.log_path)!r}, last lines:\n{tail}"
-        )
-
-    def _launch_and_wait(self, timeout: float) -> str:
-        """Launch the process; return "" once healthy, else what went wrong."""
-        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **SERVER_ENV}
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n--- {' '.join(self.command())}\n".encode())
-            log.flush()
-            # Its own session, so stop() can end the uvicorn worker with it.
-            self._proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.artifacts_dir.parent,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self._proc.poll()
-            if code is not None:
-                return f"exited with code {code} before answering GET /health"
-            if self._healthy():
-                return ""
-            time.sleep(0.2)
-        return f"did not answer GET /health within {timeout}s"
-
-    def _healthy(self) -> bool:
-        import http.client
-
-        # http.client, not urllib: no proxy from the environment may sit in between.
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
-        try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    def stop(self, timeout: float = 15) -> None:
-        """Terminate the server (its process group), then kill it if it does not exit."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if not hasattr(os, "killpg"):  # Windows: no process groups to signal
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # A worker can outlive a leader that exited on SIGTERM; end the rest of the group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def restart(self, timeout: float = 60) -> MlflowServer:
-        """Stop and start again on the same port and backend store."""
-        self.stop()
-        self._auto_port = False
-        return self.start(timeout=timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
-
-    def __enter__(self) -> MlflowServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"MlflowServer(uri={self.uri!r}, pid={self.pid!r})"
-
-
-def find_postgres_bin() -> Path | None:
-    """The directory holding initdb, pg_ctl and postgres, or None when PostgreSQL is absent."""
-    candidates: list[Path] = []
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidates.append(Path(on_path).resolve().parent)
-
-    def version(path: Path) -> tuple[int, ...]:
-        return tuple(int(p) for p in path.parent.name.split(".") if p.isdigit())
-
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
-    for directory in candidates:
-        if all((directory / name).is_file() for name in _PG_BIN_NAMES):
-            return directory
-    return None
-
-
-def postgres_unavailable_reason() -> str | None:
-    """Why PostgreSQL tests cannot run here, or None when they can."""
-    if find_postgres_bin() is None:
-        return "PostgreSQL binaries (initdb, pg_ctl, postgres) not found"
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg2") is None:
-        return "psycopg2 is not installed (mlflow server needs it): pip install psycopg2-binary"
-    if _is_root():
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "running as root and there is no 'postgres' user to run PostgreSQL as"
-        if shutil.which("runuser") is None:
-            return "running as root and runuser is missing (needed to run as 'postgres')"
-    return None
-
-
-class PostgresCluster:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, run as the postgres user when root."""
-
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        dbname: str = "mlflow",
-        bin_dir: str | os.PathLike[str] | None = None,
-        driver: str | None = "psycopg2",
-    ) -> None:
-        found = Path(bin_dir) if bin_dir is not None else find_postgres_bin()
-        if found is None:
-            raise TrackingError(
-                "PostgreSQL binaries not found; install postgresql or pass bin_dir=..."
-            )
-        self.bin_dir = found
-        self.port: int = _free_port() if port is None else port
-        self.dbname = dbname
-        self.driver = driver
-        self.user = "postgres"
-        self.base_dir: Path | None = None
-
-    @property
-    def uri(self) -> str:
-        """The SQLAlchemy URI for mlflow, with the driver named.
-
-        SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; we ship psycopg2-binary.
-        """
-        scheme = f"postgresql+{self.driver}" if self.driver else "postgresql"
-        return f"{scheme}://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
-
-    @property
-    def libpq_uri(self) -> str:
-        """The same database as a plain libpq URI (psql, psycopg2.connect)."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.dbname}"
-
-    @property
-    def data_dir(self) -> Path:
-        if self.base_dir is None:
-            raise TrackingError("PostgresCluster is not started; call start() first")
-        return self.base_dir / "data"
-
-    def _run(self, args: list[str], timeout: float) -> None:
-        # PostgreSQL refuses to run as root: drop to the postgres user.
-        cmd = ["runuser", "-u", self.user, "--", *args] if _is_root() else args
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-        if done.returncode != 0:
-            log = _tail(self.base_dir / "postgres.log") if self.base_dir else ""
-            raise TrackingError(
-                f"{' '.join(cmd)!r} exited {done.returncode}:\n"
-                f"{done.stdout}{done.stderr}\n{log}".rstrip()
-            )
-
-    def start(self, timeout: float = 60) -> PostgresCluster:
-        """initdb in a fresh temp dir, start the server and create the database."""
-        if self.base_dir is not None:
-            return self
-        reason = postgres_unavailable_reason()
-        if reason is not None:
-            raise TrackingError(f"cannot start PostgreSQL: {reason}")
-        # A dir of its own under the system temp dir: pytest's tmp dirs are 0700 root.
-        base = Path(tempfile.mkdtemp(prefix="trainkit-pg-"))
-        self.base_dir = base
-        (base / "sock").mkdir()
-        if _is_root():
-            import pwd
-
-            entry = pwd.getpwnam(self.user)
-            for path in (base, base / "sock"):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        else:
-            import getpass
-
-            self.user = getpass.getuser()
-        b = self.bin_dir
-        try:
-            self._run(
-                [
-                    *(str(b / "initdb"), "-D", str(self.data_dir), "-U", self.user),
-                    *("-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"),
-                ],
-                timeout,
-            )
-            options = (
-                f"-h 127.0.0.1 -p {self.port} -k {base / 'sock'} "
-                "-c fsync=off -c full_page_writes=off -c synchronous_commit=off"
-            )
-            self._run(
-                [
-                    *(str(b / "pg_ctl"), "-D", str(self.data_dir)),
-                    *("-l", str(base / "postgres.log"), "-w", "-t", str(int(timeout))),
-                    *("-o", options, "start"),
-                ],
-                timeout + 5,
-            )
-            self._run(
-                [
-                    *(str(b / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)),
-                    *("-U", self.user, self.dbname),
-                ],
-                timeout,
-            )
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (fast shutdown) and delete its data directory."""
-        base, self.base_dir = self.base_dir, None
-        if base is None:
-            return
-        data = base / "data"
-        if (data / "postmaster.pid").exists():
-            cmd = [str(self.bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
-            if _is_root():
-                cmd = ["runuser", "-u", self.user, "--", *cmd]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            if done.returncode != 0:
-                logger.warning("pg_ctl stop failed: %s%s", done.stdout, done.stderr)
-        shutil.rmtree(base, ignore_errors=True)
-
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
