@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import RunSpec, Tracker, TrackingError, _azure
+from trainkit_tracking import RunSpec, StoreUnavailableError, Tracker, TrackingError, _azure
 from trainkit_tracking.testing import TrainkitStore
 
 STUDY = "350a79aa0000ffff"
@@ -213,6 +213,17 @@ def test_failures_become_one_line_with_a_fix(exc: Exception, reason: str, fix: s
     assert fix in failure.fix
     assert "\n" not in str(failure)
     assert isinstance(failure, ImportError) == isinstance(exc, ImportError)
+
+
+@pytest.mark.parametrize(
+    "cause", [_Coded("UNAUTHENTICATED", "401"), ConnectionRefusedError("refused")]
+)
+def test_the_store_check_is_explained_by_what_the_store_raised(cause: Exception) -> None:
+    # check_store goes through Store, which wraps a transient error in StoreUnavailableError.
+    try:
+        raise StoreUnavailableError("no answer", uri="u", operation="ping", waited=1.0) from cause
+    except StoreUnavailableError as wrapped:
+        assert _azure.explain(wrapped).reason == _azure.explain(cause).reason
 
 
 def test_failure_text_is_cut_and_masks_credentials() -> None:

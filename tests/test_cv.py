@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import Run, RunSpec, Tracker
-from trainkit_tracking._cv import select_folds, stats, summarize
+from trainkit_tracking._cv_stats import select_folds, stats, summarize
 from trainkit_tracking._store import RunRecord
 from trainkit_tracking.cli import render_tree
 from trainkit_tracking.testing import TrainkitStore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,21 @@ def test_metrics_params_and_model_land_in_the_run(
     local = client.download_artifacts(run.id, "model", str(tmp_path / "dl"))
     reloaded = transformers.BertForTokenClassification.from_pretrained(local)
     assert reloaded.config.hidden_size == 16
+
+
+def test_a_long_argument_is_cut_once_with_one_warning(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    tracker = Tracker("hf")
+    with tracker.start_run(spec()) as run:
+        trainer = make_trainer(tmp_path, TrackingCallback(run), run_name="r" * 7000)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+    cuts = [str(w.message) for w in caught if "'run_name' is" in str(w.message)]
+    assert len(cuts) == 1 and "at most 6000" in cuts[0]
+    params = MlflowClient(trainkit_store.uri).get_run(run.id).data.params
+    assert params["run_name"] == "r" * 5997 + "..."
 
 
 def test_checkpoints_are_uploaded(trainkit_store: TrainkitStore, tmp_path: Path) -> None:

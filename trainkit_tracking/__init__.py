@@ -6,7 +6,8 @@ from trainkit_tracking._keys import fingerprint, study_key, trial_key
 from trainkit_tracking._naming import NamingPolicy
 from trainkit_tracking._platform import detect_platform
 from trainkit_tracking._runs import Run
-from trainkit_tracking._tags import TagKeys, TagSet
+from trainkit_tracking._tag_keys import TagKeys
+from trainkit_tracking._tags import TagSet
 from trainkit_tracking._tracker import Tracker
 from trainkit_tracking._version import __version__
 from trainkit_tracking.errors import (

@@ -13,7 +13,8 @@ from typing import NamedTuple, TypeVar
 
 from trainkit_tracking import _env, _timeout
 from trainkit_tracking._redact import redact_value
-from trainkit_tracking.errors import TrackingError
+from trainkit_tracking._store import Store
+from trainkit_tracking.errors import StoreUnavailableError, TrackingError
 
 T = TypeVar("T")
 
@@ -162,11 +163,9 @@ def workspace_uri(subscription_id: str, resource_group: str, workspace_name: str
     return str(uri)
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, timeout: float) -> None:
     """Make one cheap call against the store so that auth and reachability fail now."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    Store(uri, timeout=timeout, retries=False).ping()
 
 
 def connect(uri: str | None, workspace: tuple[str, str, str] | None, *, timeout: float) -> str:
@@ -186,7 +185,9 @@ def connect(uri: str | None, workspace: tuple[str, str, str] | None, *, timeout:
         check_uri(uri)
         register_scheme()
         checked = uri
-        bounded(lambda: check_store(checked), timeout=timeout, what="the Azure ML workspace")
+        bounded(
+            lambda: check_store(checked, timeout), timeout=timeout, what="the Azure ML workspace"
+        )
     except Exception as exc:
         raise explain(exc) from exc
     return uri
@@ -214,6 +215,8 @@ def explain(exc: BaseException) -> AzureUnavailable:
     """
     if isinstance(exc, AzureUnavailable):
         return exc
+    if isinstance(exc, StoreUnavailableError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # Store's wrapper: the reason is what the store raised
     if isinstance(exc, ImportError):
         return AzureExtraMissing(
             f"a package of the azure extra is missing ({_one_line(exc)})", INSTALL_HINT

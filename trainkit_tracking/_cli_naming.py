@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from trainkit_tracking._cli_common import EXIT_USAGE, CliError
 from trainkit_tracking._naming import NamingPolicy
-from trainkit_tracking._tags import TagKeys
+from trainkit_tracking._tag_keys import TagKeys
 from trainkit_tracking.errors import PolicyError
 from trainkit_tracking.models import REQUIRED_FIELDS, RunKind, RunSpec
 

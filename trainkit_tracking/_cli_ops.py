@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from trainkit_tracking._cli_common import describe, plural
 from trainkit_tracking._cli_tree import format_duration
 from trainkit_tracking._store import RunRecord, Store
-from trainkit_tracking._tags import TagKeys
+from trainkit_tracking._tag_keys import TagKeys
 
 if TYPE_CHECKING:
     from trainkit_tracking._logging import SyncReport

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from trainkit_tracking import _cv
+from trainkit_tracking import _cv, _cv_stats
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._store import RunRecord, Store
 from trainkit_tracking.errors import StoreUnavailableError, TrackingError
@@ -94,8 +94,8 @@ def _trial_metric(
     record: RunRecord, folds: Sequence[RunRecord], candidates: Sequence[str], ascii: bool
 ) -> str:
     """``metric=mean ± std (n folds)`` over the finished folds, else the trial's own value."""
-    chosen, _ = _cv.select_folds(folds, "code.hpo.fold_idx")
-    found = _cv.score(record, chosen, candidates)
+    chosen, _ = _cv_stats.select_folds(folds, "code.hpo.fold_idx")
+    found = _cv_stats.score(record, chosen, candidates)
     if found is None:
         return ""
     s = found.stats
@@ -136,7 +136,9 @@ def _rows(
             return
         seen.add(record.run_id)
         kids = children.get(record.run_id, [])
-        candidates = _cv.metric_candidates(None if metric else _study_metric(record, by_id), metric)
+        candidates = _cv_stats.metric_candidates(
+            None if metric else _study_metric(record, by_id), metric
+        )
         if record.tags.get(_KIND_TAG) == _TRIAL:
             folds = [k for k in kids if k.tags.get(_KIND_TAG) == _FOLD]
             shown = _trial_metric(record, folds, candidates, chars == _ASCII)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainkit_tracking import _env
-from trainkit_tracking._tags import TagKeys, TagSet, _created_by
+from trainkit_tracking._tag_keys import TagKeys
+from trainkit_tracking._tags import TagSet, _created_by
 from trainkit_tracking.errors import TrackingError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from trainkit_tracking import _env
 from trainkit_tracking._redact import get_logger
-from trainkit_tracking._tags import TagKeys
+from trainkit_tracking._tag_keys import TagKeys
 from trainkit_tracking.errors import TrackingError
 from trainkit_tracking.models import IDENTITY_FIELDS, RunKind, RunSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._store import RunRecord, Store
-from trainkit_tracking._tags import TagKeys
+from trainkit_tracking._tag_keys import TagKeys
 from trainkit_tracking.errors import StoreUnavailableError, TrackingError
 from trainkit_tracking.models import Lineage, RunKind, article, validate_run_id
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import posixpath
 import re
 import secrets
 import signal
@@ -22,6 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainkit_tracking._limits import GOOD_KEYS as _GOOD_KEYS
+from trainkit_tracking._limits import MAX_KEY as MAX_KEY
+from trainkit_tracking._limits import MAX_PARAM_VALUE as MAX_PARAM_VALUE
+from trainkit_tracking._limits import MAX_TAG_VALUE as MAX_TAG_VALUE
+from trainkit_tracking._limits import check_key as check_key
+from trainkit_tracking._limits import cut as _cut
 from trainkit_tracking._redact import get_logger, redact, redact_value
 from trainkit_tracking._spool import BLOB_DIR, default_spool_dir
 from trainkit_tracking._sync import SyncReport, pending, sync
@@ -30,15 +35,9 @@ from trainkit_tracking.errors import ParamConflictError, warn
 
 __all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
 
-MAX_KEY = 250
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
 MAX_STEP = 2**63 - 1
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-_KEY_RE = re.compile(r"^[/\w.\- :]*$")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# Keys seen valid, so the hot path pays one set lookup; bounded for keys made per step.
-_GOOD_KEYS: set[str] = set()
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
 # Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
 MAX_PARAM_DEPTH = 64
@@ -50,28 +49,6 @@ log = get_logger(__name__)
 
 
 # Validation --------------------------------------------------------------------
-
-
-def check_key(key: Any, what: str) -> str:
-    """Return ``key`` if MLflow accepts it as a metric, param or tag key, else raise."""
-    if not isinstance(key, str):
-        raise TypeError(f"{what} key must be a str, got {key!r} ({type(key).__name__})")
-    normal = posixpath.normpath(key) if key else "."
-    if (
-        len(key) > MAX_KEY
-        or not _KEY_RE.match(key)
-        or normal != key
-        or normal == "."
-        or normal.startswith(("..", "/"))
-    ):
-        raise ValueError(
-            f"invalid {what} key {key!r}: keys are 1-{MAX_KEY} characters of letters, digits, "
-            "'_', '-', '.', ' ', ':' and '/', with no leading '/', no '..' and no empty or '.' "
-            "path parts; rename it"
-        )
-    if len(_GOOD_KEYS) < 100_000:
-        _GOOD_KEYS.add(key)
-    return key
 
 
 def to_float(key: str, value: Any) -> float:
@@ -139,16 +116,6 @@ def storable(what: str, key: str, text: str) -> str:
         )
         return escaped
     return text
-
-
-def _cut(what: str, key: str, value: str, limit: int) -> str:
-    if len(value) <= limit:
-        return value
-    warn(
-        f"{what} {key!r} is {len(value)} characters long; MLflow keeps at most {limit}, so it "
-        f"is cut to {limit} (ending in '...'). Log long text with log_dict or log_artifact."
-    )
-    return value[: limit - 3] + "..."
 
 
 def _artifact_dir(path: Any, what: str) -> str | None:

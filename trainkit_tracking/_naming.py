@@ -5,7 +5,6 @@ Pure: rendering does no I/O and imports no mlflow; only ``from_yaml`` reads its 
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Mapping
@@ -13,37 +12,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from trainkit_tracking._patterns import (
+    REQUIRED_PLACEHOLDERS,
+    check_entry,
+    check_pattern,
+    missing_kind,
+    parse,
+    uses,
+    validated,
+)
 from trainkit_tracking.errors import PolicyError
 from trainkit_tracking.models import RunKind, RunSpec, parse_training_id
 
-MAX_NAME_LENGTH = 256
-FORBIDDEN_CHARS = '/\\:*?"<>|'
 HASH_LENGTH = 8
 RUN_ID_LENGTH = 8
 SUFFIX_LENGTH = 30
 UNKNOWN = "unknown"
 POLICY_FORMAT_VERSION = 1
-
-# Components that come from optional RunSpec fields. When a kind has a fallback
-# pattern and its main pattern uses one of these that has no value, the fallback is
-# used; without a fallback the missing component renders as ``unknown``.
-REQUIRED_PLACEHOLDERS = frozenset(
-    {
-        "study_hash",
-        "trial_hash",
-        "trial_number",
-        "fold_idx",
-        "spec_hash",
-        "exec_hash",
-        "conv_hash",
-        "bench_hash",
-    }
-)
-# Components that always have a value: never a reason to fall back.
-DEFAULTED_PLACEHOLDERS = frozenset(
-    {"env", "model", "variant", "semantic_suffix", "version", "run_id"}
-)
-PLACEHOLDERS = REQUIRED_PLACEHOLDERS | DEFAULTED_PLACEHOLDERS
 
 _DEFAULT_KINDS: dict[str, dict[str, str]] = {
     "hpo_sweep": {
@@ -77,80 +62,8 @@ _DEFAULT_KINDS: dict[str, dict[str, str]] = {
     },
 }
 
-_PLACEHOLDER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_SUFFIX_DROP_RE = re.compile(r"[^A-Za-z0-9_-]")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_KIND_KEYS = frozenset({"pattern", "fallback"})
 _TOP_KEYS = ("version", "extends", "kinds")
-
-# A parsed pattern: (is_placeholder, text) segments in order.
-_Segments = tuple[tuple[bool, str], ...]
-
-
-class _PatternSyntaxError(ValueError):
-    """A pattern that cannot be parsed; wrapped into PolicyError with the kind."""
-
-
-@functools.lru_cache(maxsize=512)
-def _parse(pattern: str) -> _Segments:
-    """Split ``pattern`` into literal text and ``{name}`` placeholders (names unchecked)."""
-    segments: list[tuple[bool, str]] = []
-    pos = 0
-    while pos < len(pattern):
-        open_at = pattern.find("{", pos)
-        close_at = pattern.find("}", pos)
-        if close_at != -1 and (open_at == -1 or close_at < open_at):
-            raise _PatternSyntaxError(f"'}}' without a matching '{{' at position {close_at}")
-        if open_at == -1:
-            segments.append((False, pattern[pos:]))
-            break
-        if open_at > pos:
-            segments.append((False, pattern[pos:open_at]))
-        if close_at == -1:
-            raise _PatternSyntaxError(f"unbalanced '{{' at position {open_at}: no closing '}}'")
-        name = pattern[open_at + 1 : close_at]
-        if "{" in name:
-            raise _PatternSyntaxError(f"nested or unbalanced '{{' at position {open_at}")
-        if not _PLACEHOLDER_NAME_RE.match(name):
-            raise _PatternSyntaxError(
-                f"malformed placeholder {pattern[open_at : close_at + 1]!r}: write placeholders "
-                "as {name} with no format spec or conversion, e.g. {model}"
-            )
-        segments.append((True, name))
-        pos = close_at + 1
-    return tuple(segments)
-
-
-def _check_pattern(kind: str, field: str, pattern: Any) -> None:
-    """Raise PolicyError unless ``pattern`` is a valid pattern for ``kind``."""
-    where = f"naming policy kind {kind!r} {field}"
-    if not isinstance(pattern, str):
-        raise PolicyError(f"{where} must be a string, got {pattern!r}")
-    if not pattern:
-        raise PolicyError(f"{where} is empty: give a pattern such as '{{env}}_{{model}}_{kind}'")
-    try:
-        segments = _parse(pattern)
-    except _PatternSyntaxError as e:
-        raise PolicyError(f"{where} {pattern!r} is malformed: {e}") from e
-    for is_placeholder, text in segments:
-        if is_placeholder and text not in PLACEHOLDERS:
-            raise PolicyError(
-                f"{where} {pattern!r} has an unknown placeholder {{{text}}}; "
-                f"known placeholders: {', '.join(sorted(PLACEHOLDERS))}"
-            )
-        if not is_placeholder:
-            bad = _bad_chars(text)
-            if bad:
-                raise PolicyError(
-                    f"{where} {pattern!r} has the character(s) {bad!r} that run names may "
-                    f"not contain ({FORBIDDEN_CHARS} and control characters): remove them"
-                )
-
-
-def _bad_chars(text: str) -> str:
-    """The characters of ``text`` that a run name may not contain, in order, deduplicated."""
-    bad = dict.fromkeys(c for c in text if c in FORBIDDEN_CHARS or _CONTROL_RE.match(c))
-    return "".join(bad)
+_SUFFIX_DROP_RE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def _normalise(value: str) -> str:
@@ -200,10 +113,6 @@ def _spec_values(spec: RunSpec) -> dict[str, str | None]:
     }
 
 
-def _uses(pattern: str, placeholder: str) -> bool:
-    return (True, placeholder) in _parse(pattern)
-
-
 class KindPattern(BaseModel):
     """The naming rule of one kind: a pattern and an optional fallback pattern."""
 
@@ -226,11 +135,11 @@ class NamingPolicy(BaseModel):
         # Direct construction gets the same checks as from_dict (wrapped by pydantic).
         for kind in RunKind:
             if kind not in self.kinds:
-                raise _missing_kind(kind.value)
+                raise missing_kind(kind.value)
             entry = self.kinds[kind]
-            _check_pattern(kind.value, "pattern", entry.pattern)
+            check_pattern(kind.value, "pattern", entry.pattern)
             if entry.fallback is not None:
-                _check_pattern(kind.value, "fallback", entry.fallback)
+                check_pattern(kind.value, "fallback", entry.fallback)
         return self
 
     # -- loading ---------------------------------------------------------------
@@ -288,11 +197,11 @@ class NamingPolicy(BaseModel):
                     f"naming policy has an unknown kind {kind!r}; "
                     f"known kinds: {', '.join(k.value for k in RunKind)}"
                 )
-            entries[kind] = _check_entry(kind, entry)
+            entries[kind] = check_entry(kind, entry)
         for kind in RunKind:
             if kind.value not in entries:
                 if extends != "default":
-                    raise _missing_kind(kind.value)
+                    raise missing_kind(kind.value)
                 default = _DEFAULT_KINDS[kind.value]
                 entries[kind.value] = {
                     "pattern": default["pattern"],
@@ -333,12 +242,12 @@ class NamingPolicy(BaseModel):
     def is_versioned(self, spec: RunSpec) -> bool:
         """Whether the pattern that names ``spec`` has ``{version}`` (never for a run_name)."""
         pattern = self.pattern_for(spec)
-        return pattern is not None and _uses(pattern, "version")
+        return pattern is not None and uses(pattern, "version")
 
     def needs_run_id(self, spec: RunSpec) -> bool:
         """Whether the pattern that names ``spec`` has ``{run_id}`` (rename after creation)."""
         pattern = self.pattern_for(spec)
-        return pattern is not None and _uses(pattern, "run_id")
+        return pattern is not None and uses(pattern, "run_id")
 
     def base_name(self, spec: RunSpec, run_id: str | None = None) -> str:
         """The name without version (``{version}`` renders ``''``). Pure; never versions."""
@@ -360,7 +269,7 @@ class NamingPolicy(BaseModel):
         ):
             raise ValueError(f"version must be an int >= 1 (or None), got {version!r}")
         if spec.run_name is not None:
-            return _validated(spec.kind.value, spec.run_name, explicit=True)
+            return validated(spec.kind.value, spec.run_name, explicit=True)
         values = _spec_values(spec)
         pattern = self._select(spec, values)
         extra = {
@@ -368,70 +277,19 @@ class NamingPolicy(BaseModel):
             "run_id": UNKNOWN if not run_id else run_id[:RUN_ID_LENGTH],
         }
         parts: list[str] = []
-        for is_placeholder, text in _parse(pattern):
+        for is_placeholder, text in parse(pattern):
             if not is_placeholder:
                 parts.append(text)
                 continue
             value = extra[text] if text in extra else values[text]
             parts.append(UNKNOWN if value is None else value)
-        return _validated(spec.kind.value, "".join(parts), explicit=False)
+        return validated(spec.kind.value, "".join(parts), explicit=False)
 
     def _select(self, spec: RunSpec, values: Mapping[str, str | None]) -> str:
         entry = self.kinds[spec.kind]
         if entry.fallback is not None and any(
             is_placeholder and text in REQUIRED_PLACEHOLDERS and values[text] is None
-            for is_placeholder, text in _parse(entry.pattern)
+            for is_placeholder, text in parse(entry.pattern)
         ):
             return entry.fallback
         return entry.pattern
-
-
-def _check_entry(kind: str, entry: Any) -> dict[str, Any]:
-    if entry is None:
-        raise _missing_kind(kind)
-    if not isinstance(entry, Mapping):
-        raise PolicyError(
-            f"naming policy kind {kind!r} must be a mapping with 'pattern' "
-            f"(and optionally 'fallback'), got {entry!r}"
-        )
-    unknown = sorted(str(k) for k in entry if k not in _KIND_KEYS)
-    if unknown:
-        raise PolicyError(
-            f"naming policy kind {kind!r} has unknown key(s) {unknown!r}; "
-            "only 'pattern' and 'fallback' are allowed"
-        )
-    if entry.get("pattern") is None:
-        raise _missing_kind(kind)
-    _check_pattern(kind, "pattern", entry["pattern"])
-    fallback = entry.get("fallback")
-    if fallback is not None:
-        _check_pattern(kind, "fallback", fallback)
-    return {"pattern": entry["pattern"], "fallback": fallback}
-
-
-def _missing_kind(kind: str) -> PolicyError:
-    return PolicyError(
-        f"naming policy kind {kind!r} has no pattern: set kinds.{kind}.pattern, or add "
-        "'extends: default' to keep the default's (`trainkit-tracking policy show` prints it)"
-    )
-
-
-def _validated(kind: str, name: str, *, explicit: bool) -> str:
-    """Return ``name`` when it is a valid run name, else raise PolicyError."""
-    what = "explicit run_name" if explicit else "rendered name"
-    shown = name if len(name) <= 300 else f"{name[:300]}..."
-    if not name:
-        raise PolicyError(f"the {what} for kind {kind!r} is empty: check the policy's pattern")
-    if len(name) > MAX_NAME_LENGTH:
-        raise PolicyError(
-            f"the {what} for kind {kind!r} has {len(name)} characters, more than "
-            f"{MAX_NAME_LENGTH}: {shown!r}; shorten the model name or the pattern"
-        )
-    bad = _bad_chars(name)
-    if bad:
-        raise PolicyError(
-            f"the {what} for kind {kind!r} contains {bad!r}, which run names may not "
-            f"contain: {shown!r}; remove {FORBIDDEN_CHARS} and control characters from "
-            "the model, hashes or run_name"
-        )
-    return name

@@ -14,24 +14,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trainkit_tracking import _push_store
 from trainkit_tracking._platform import detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._push_lanes import call as _call
 from trainkit_tracking._push_lanes import lanes as _lanes
-from trainkit_tracking._push_run import (
+from trainkit_tracking._push_marks import (
     HIDDEN_PREFIX,
     PUSH_TO,
     REMOTE_PARENT,
     STORE_EXPERIMENT,
     STORE_ID_TAG,
-    Counter,
-    Progress,
-    PushedRun,
-    Pusher,
-    PushReport,
     Source,
     lineage_refs,
     read_source,
 )
+from trainkit_tracking._push_report import Counter, Progress, PushedRun, PushReport
+from trainkit_tracking._push_run import Pusher
 from trainkit_tracking._redact import redact_value
 from trainkit_tracking._spool import try_lock
 from trainkit_tracking._store import Store
@@ -170,7 +168,7 @@ def _select(
 ) -> list[Source]:
     experiments = [
         e
-        for e in _call(store.active_experiments, timeout, "the source store")
+        for e in _call(lambda: _push_store.active_experiments(store), timeout, "the source store")
         if not e.name.startswith(HIDDEN_PREFIX)
     ]
     if experiment is not None:
@@ -184,8 +182,11 @@ def _select(
     selected: list[Source] = []
     for exp in experiments:
         runs = _call(
-            lambda exp_id=exp.experiment_id: store.search_latest(  # type: ignore[misc]
-                [exp_id], filter_string, include_deleted=False
+            lambda exp_id=exp.experiment_id: _push_store.search_latest(
+                store,  # type: ignore[misc]
+                [exp_id],
+                filter_string,
+                include_deleted=False,
             ),
             timeout,
             "search_runs",
@@ -258,7 +259,9 @@ def _store_id(store: Store, *, create: bool, timeout: float) -> str | None:
     so it travels with a copied database file (a path or URI would not)."""
     for _ in range(3):
         found = _call(
-            lambda: store.find_experiment_by_name(STORE_EXPERIMENT), timeout, "get_experiment"
+            lambda: _push_store.find_experiment_by_name(store, STORE_EXPERIMENT),
+            timeout,
+            "get_experiment",
         )
         if found is not None and found.tags.get(STORE_ID_TAG):
             return found.tags[STORE_ID_TAG]
@@ -267,14 +270,16 @@ def _store_id(store: Store, *, create: bool, timeout: float) -> str | None:
         if found is not None:  # made by an older or interrupted writer without its tag
             exp_id, new_id = found.experiment_id, uuid.uuid4().hex
             _call(
-                lambda e=exp_id, n=new_id: store.set_experiment_tag(e, STORE_ID_TAG, n),  # type: ignore[misc]
+                lambda e=exp_id, n=new_id: _push_store.set_experiment_tag(
+                    store, e, STORE_ID_TAG, n
+                ),  # type: ignore[misc]
                 timeout,
                 "set_experiment_tag",
             )
             continue
         _call(
-            lambda: store.create_tagged_experiment(
-                STORE_EXPERIMENT, {STORE_ID_TAG: uuid.uuid4().hex}
+            lambda: _push_store.create_tagged_experiment(
+                store, STORE_EXPERIMENT, {STORE_ID_TAG: uuid.uuid4().hex}
             ),
             timeout,
             "create_experiment",

@@ -1,4 +1,9 @@
-"""Store calls for push on daemon threads: bounded waits, and histories read ahead."""
+"""Store calls for push on two daemon lanes: bounded waits, and histories read ahead.
+
+The waits are ``_timeout``'s (``Pending.wait``, as under ``Store._call``); a lane only
+replaces its thread per call by one long-lived thread per push, which keeps the calls in
+order and reads the next metric history while the batches before it are sent.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,11 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from trainkit_tracking._timeout import bounded
+from trainkit_tracking._timeout import Pending, bounded
 
 T = TypeVar("T")
-
-
-class Pending(Generic[T]):
-    """The result of a call handed to a lane, once it is there."""
-
-    def __init__(self, call: Callable[[], T]) -> None:
-        self.call = call
-        self.done = threading.Event()
-        self.result: list[T] = []
-        self.error: list[BaseException] = []
-
-    def wait(self, timeout: float, what: str) -> T:
-        if not self.done.wait(max(timeout, 0.0)):
-            raise TimeoutError(f"{what} did not answer within {timeout:g} s")
-        if self.error:
-            raise self.error[0]
-        return self.result[0]
 
 
 class Lane:
@@ -44,11 +32,7 @@ class Lane:
 
     def _work(self) -> None:
         while (item := self.queue.get()) is not None:
-            try:
-                item.result.append(item.call())
-            except BaseException as exc:
-                item.error.append(exc)
-            item.done.set()
+            item.run()
 
     def submit(self, call: Callable[[], T]) -> Pending[T]:
         pending = Pending(call)
@@ -96,7 +80,7 @@ def read_ahead(call: Callable[[], T]) -> Pending[T]:
     lanes = _CURRENT.get()
     if lanes is None:
         pending = Pending(call)
-        try:
+        try:  # in this thread: an interrupt is not kept for later, as a lane would
             pending.result.append(call())
         except Exception as exc:
             pending.error.append(exc)

@@ -2,164 +2,39 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 import posixpath
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
-from trainkit_tracking._push_lanes import Pending, call, read_ahead
+from trainkit_tracking import _push_store
+from trainkit_tracking._limits import MAX_METRICS
+from trainkit_tracking._push_lanes import call, read_ahead
+from trainkit_tracking._push_marks import (
+    NOT_COPIED,
+    PARENT,
+    PUSHED_FROM,
+    REMOTE_PARENT,
+    SYNC_MARK,
+    Source,
+    lineage_refs,
+    missing_points,
+    read_source,
+    status_differs,
+    sync_mark,
+)
+from trainkit_tracking._push_report import Counter, PushedRun, PushReport
+from trainkit_tracking._push_store import PushRun
 from trainkit_tracking._redact import redact_value
-from trainkit_tracking._spool import MAX_METRICS, Point, make_batches
-from trainkit_tracking._store import TERMINAL_STATUSES, PushRun, RunRecord, Store
+from trainkit_tracking._spool import Point, make_batches
+from trainkit_tracking._store import TERMINAL_STATUSES, RunRecord, Store
+from trainkit_tracking._timeout import Pending
 from trainkit_tracking.errors import TrackingError
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
-
-PUSHED_FROM = "code.pushed_from"
-PUSH_TO = "code.push_to"
-REMOTE_PARENT = "code.remote_parent_id"
-SYNC_MARK = "code.push.sync_mark"
-PARENT = "mlflow.parentRunId"
-LINEAGE_PREFIX = "code.lineage."
-# The source store's id: an experiment tag on a hidden experiment, made once per store.
-STORE_EXPERIMENT = ".trainkit-store"
-STORE_ID_TAG = "code.store_id"
-HIDDEN_PREFIX = ".trainkit"
-MARK_VERSION = "1"
-# Tags that describe a run's place in the source, not the run: never copied as they are.
-_NOT_COPIED = frozenset({PUSHED_FROM, SYNC_MARK, PUSH_TO, REMOTE_PARENT, PARENT})
-_RUN_ID = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})$")
 # Whole metric histories and artifact files may take longer to move than one metadata call.
 _MIN_TRANSFER_TIMEOUT = 600.0
-
-Progress = Callable[[int, int, int], None]
-"""``progress(runs_done, runs_total, points_sent)``."""
-
-
-@dataclass(frozen=True)
-class PushedRun:
-    """What push did (or, in a dry run, would do) with one source run."""
-
-    source_run_id: str
-    target_run_id: str | None
-    experiment: str
-    name: str
-    target: str
-    action: str  # "create", "update", "unchanged" or "skipped"
-    points: int = 0
-    params: int = 0
-    tags: int = 0
-    artifacts: int = 0
-
-
-@dataclass
-class PushReport:
-    """The outcome of :func:`push`: one entry per source run, plus totals and warnings."""
-
-    source: str
-    store_id: str | None
-    dry_run: bool
-    runs: list[PushedRun] = field(default_factory=list)
-    experiments_created: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def count(self, action: str) -> int:
-        return sum(1 for run in self.runs if run.action == action)
-
-    @property
-    def created(self) -> int:
-        return self.count("create")
-
-    @property
-    def updated(self) -> int:
-        return self.count("update")
-
-    @property
-    def unchanged(self) -> int:
-        return self.count("unchanged")
-
-    @property
-    def points(self) -> int:
-        return sum(run.points for run in self.runs)
-
-    @property
-    def artifacts(self) -> int:
-        return sum(run.artifacts for run in self.runs)
-
-    @property
-    def targets(self) -> list[str]:
-        return sorted({run.target for run in self.runs})
-
-
-@dataclass(frozen=True)
-class Source:
-    run: PushRun
-    experiment: str
-
-    @property
-    def id(self) -> str:
-        return self.run.record.run_id
-
-    @property
-    def tags(self) -> Mapping[str, str]:
-        return self.run.record.tags
-
-
-def read_source(store: Store, run_id: str, timeout: float) -> Source | None:
-    try:
-        record = call(lambda: store.get_run(run_id), timeout, "get_run")
-    except TimeoutError:
-        raise
-    except Exception as exc:
-        log.debug("source run %s not readable: %s", run_id, exc)
-        return None
-    exp_name = call(lambda: store.experiment_name(record.experiment_id), timeout, "get_experiment")
-    runs = call(
-        lambda: store.search_latest(
-            [record.experiment_id], f"attributes.run_id = '{run_id}'", include_deleted=False
-        ),
-        timeout,
-        "search_runs",
-    )
-    return Source(runs[0], exp_name) if runs else None
-
-
-def lineage_refs(tags: Mapping[str, str]) -> dict[str, str]:
-    """Lineage tags whose value is a run id: key -> run id."""
-    return {
-        key: value
-        for key, value in tags.items()
-        if key.startswith(LINEAGE_PREFIX) and _RUN_ID.match(value)
-    }
-
-
-# Pushing ----------------------------------------------------------------------
-
-
-class Counter:
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.total, self.progress = total, progress
-        self.runs = self.points = 0
-
-    def add(self, runs: int = 0, points: int = 0) -> None:
-        self.runs += runs
-        self.points += points
-        if self.progress is not None:
-            self.progress(self.runs, self.total, self.points)
-
-
-def point_key(point: Point) -> tuple[str, int, int, float | str]:
-    key, value, timestamp, step = point
-    # NaN != NaN: compare it by name so a stored NaN point is found again.
-    return key, step, timestamp, value if value == value else "nan"
 
 
 class Pusher:
@@ -200,7 +75,9 @@ class Pusher:
 
     def target_experiment(self, name: str, *, create: bool) -> str | None:
         if self.experiments.get(name) is None:
-            found = self._t(lambda: self.target.find_experiment_by_name(name), "get_experiment")
+            found = self._t(
+                lambda: _push_store.find_experiment_by_name(self.target, name), "get_experiment"
+            )
             if found is not None and found.deleted:
                 raise TrackingError(
                     f"experiment {name!r} is deleted in the target {self.shown}; restore it "
@@ -220,8 +97,11 @@ class Pusher:
         """The target runs of an experiment that came from a push, by origin: one search."""
         if experiment_id not in self.index:
             runs = self._t(
-                lambda: self.target.search_latest(
-                    [experiment_id], f"tags.`{PUSHED_FROM}` LIKE '%'", include_deleted=True
+                lambda: _push_store.search_latest(
+                    self.target,
+                    [experiment_id],
+                    f"tags.`{PUSHED_FROM}` LIKE '%'",
+                    include_deleted=True,
                 ),
                 "search_runs",
             )
@@ -259,7 +139,7 @@ class Pusher:
 
     def desired(self, src: Source) -> tuple[dict[str, str], list[str]]:
         """The target's tags for ``src`` (source ids mapped) and what could not be mapped."""
-        tags = {k: v for k, v in src.tags.items() if k not in _NOT_COPIED}
+        tags = {k: v for k, v in src.tags.items() if k not in NOT_COPIED}
         unresolved: list[str] = []
         for key, ref in lineage_refs(src.tags).items():
             mapped = self.target_id_of(ref)
@@ -291,7 +171,7 @@ class Pusher:
             )
             return
         tags, unresolved = self.desired(src)
-        files = self._t(lambda: self.source.artifact_files(src.id), "list_artifacts")
+        files = self._t(lambda: _push_store.artifact_files(self.source, src.id), "list_artifacts")
         mark = sync_mark(src.run, tags, files)
         if existing is not None:
             self.mapping[src.id] = existing.record.run_id
@@ -348,7 +228,7 @@ class Pusher:
             if key in tags:
                 first[key] = tags[key]
         created = self._t(
-            lambda: self.target.create_run_at(experiment_id, record.name, first, record.start_time),
+            lambda: self.target.create_run(experiment_id, record.name, first, record.start_time),
             "create_run",
         )
         self.mapping[src.id] = created.run_id
@@ -384,7 +264,7 @@ class Pusher:
         new_tags = {k: v for k, v in tags.items() if target.tags.get(k) != v}
         points = self.send_points(src, target_id, target_latest, params, new_tags)
         there = (
-            self._t(lambda: self.target.artifact_files(target_id), "list_artifacts")
+            self._t(lambda: _push_store.artifact_files(self.target, target_id), "list_artifacts")
             if files and not created
             else {}
         )
@@ -409,17 +289,9 @@ class Pusher:
         self, source_id: str, target_id: str, key: str, in_target: bool
     ) -> Pending[list[Point]]:
         """Read ahead the points of ``key`` that the target lacks."""
-
-        def read() -> list[Point]:
-            have = (
-                {point_key(p) for p in self.target.metric_history(target_id, key)}
-                if in_target
-                else set()
-            )
-            points = self.source.metric_history(source_id, key)
-            return [p for p in points if point_key(p) not in have] if have else points
-
-        return read_ahead(read)
+        return read_ahead(
+            lambda: missing_points(self.source, self.target, source_id, target_id, key, in_target)
+        )
 
     def send_points(
         self,
@@ -479,7 +351,7 @@ class Pusher:
         with tempfile.TemporaryDirectory(prefix="trainkit-push-") as tmp:
             for path in paths:
                 local = call(
-                    lambda p=path: self.source.download_artifact(source_id, p, tmp),  # type: ignore[misc]
+                    lambda p=path: _push_store.download_artifact(self.source, source_id, p, tmp),  # type: ignore[misc]
                     limit,
                     "download_artifacts",
                 )
@@ -524,31 +396,3 @@ class Pusher:
                 artifacts,
             )
         )
-
-
-def status_differs(source: RunRecord, target: RunRecord) -> bool:
-    if source.status in TERMINAL_STATUSES:
-        return (target.status, target.end_time) != (source.status, source.end_time)
-    return source.status != target.status
-
-
-def sync_mark(run: PushRun, tags: Mapping[str, str], files: Mapping[str, int]) -> str:
-    """A digest of everything push copies that a run search returns, without histories.
-
-    Any new point whose (step, timestamp, value) sorts after the key's latest point
-    changes it; so do a status or end time change (a resumed run), a tag, a param or
-    an artifact file. Equal digests: the target already has the run.
-    """
-    record = run.record
-    payload = {
-        "v": MARK_VERSION,
-        "status": record.status,
-        "start": record.start_time,
-        "end": record.end_time,
-        "tags": sorted(tags.items()),
-        "params": sorted(record.params.items()),
-        "latest": sorted([k, s, t, repr(v)] for k, (v, t, s) in run.latest.items()),
-        "files": sorted(files.items()),
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return f"{MARK_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()[:40]}"

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from trainkit_tracking import _claims
 from trainkit_tracking._redact import get_logger
 from trainkit_tracking._store import RunRecord, Store
 
 if TYPE_CHECKING:
-    from trainkit_tracking._tags import TagKeys
+    from trainkit_tracking._tag_keys import TagKeys
     from trainkit_tracking.models import RunSpec
 
 log = get_logger(__name__)
@@ -75,7 +76,7 @@ def get_or_create(
                     store.set_status(record.run_id, "RUNNING")
                 return record
         number = len(records) + 1 + skip
-        if store.try_claim(experiment_id, what, number):
+        if _claims.try_claim(store, experiment_id, what, number):
             return create()
         now = time.monotonic()
         waiting_since = now if waiting_since is None else waiting_since

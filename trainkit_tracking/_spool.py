@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainkit_tracking import _env
+from trainkit_tracking._limits import MAX_BATCH_BYTES as MAX_BATCH_BYTES
+from trainkit_tracking._limits import MAX_ITEMS as MAX_ITEMS
+from trainkit_tracking._limits import MAX_METRICS as MAX_METRICS
+from trainkit_tracking._limits import MAX_PARAMS as MAX_PARAMS
+from trainkit_tracking._limits import MAX_TAGS as MAX_TAGS
 from trainkit_tracking._redact import redact_value
 
 if TYPE_CHECKING:
@@ -34,13 +39,6 @@ BLOB_DIR = "blobs"
 # long run's spool stays small.
 ROTATE_BYTES = 8 * 1024 * 1024
 
-# MLflow's per-request limits (mlflow.utils.validation); the server also rejects a
-# log-batch request body over 1e6 bytes, so batches stay well under that estimate.
-MAX_METRICS = 1000
-MAX_PARAMS = 100
-MAX_TAGS = 100
-MAX_ITEMS = 1000
-MAX_BATCH_BYTES = 800_000
 
 Record = dict[str, Any]
 Point = tuple[str, float, int, int]

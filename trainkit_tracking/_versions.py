@@ -7,6 +7,7 @@ creator wins each number, across processes and machines (docs/tracker.md).
 
 from __future__ import annotations
 
+from trainkit_tracking import _claims
 from trainkit_tracking._store import Store
 
 
@@ -24,14 +25,14 @@ class Versions:
         key = (store.tracking_uri, experiment_id, base)
         cached = self._next.get(key)
         intact = cached is not None or self._claims_intact(store, experiment_id)  # before claiming
-        version = store.claim_version(experiment_id, base, cached or 1)
+        version = _claims.claim_version(store, experiment_id, base, cached or 1)
         if not intact:
             # Claims alone decide, unless an admin ran `mlflow gc`, which purges
             # soft-deleted experiments, claims included. Then, the first time this
             # process names a base, check that no live run already carries the number.
             highest = self._highest(store, experiment_id, base)
             if highest >= version:
-                version = store.claim_version(experiment_id, base, highest + 1)
+                version = _claims.claim_version(store, experiment_id, base, highest + 1)
         self._next[key] = version + 1
         return version
 
@@ -39,7 +40,7 @@ class Versions:
         key = (store.tracking_uri, experiment_id)
         intact = self._intact.get(key)
         if intact is None:
-            intact = store.claims_intact(experiment_id, self._version_tag)
+            intact = _claims.claims_intact(store, experiment_id, self._version_tag)
             self._intact[key] = intact
         return intact
 

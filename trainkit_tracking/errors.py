@@ -2,7 +2,7 @@
 
 TrackingError
 ├── PolicyError (also a ValueError)
-├── TagKeyError (also a KeyError)
+├── TagKeyError (also a KeyError and a ValueError)
 ├── ParamConflictError (also a ValueError)
 └── StoreUnavailableError
 TrackingWarning (a UserWarning)
@@ -28,8 +28,12 @@ class PolicyError(TrackingError, ValueError):
     """A naming policy or a rendered run name is invalid."""
 
 
-class TagKeyError(TrackingError, KeyError):
-    """A logical tag name is not in the tag-key registry, or a tag key is invalid."""
+class TagKeyError(TrackingError, KeyError, ValueError):
+    """A metric, param or tag key MLflow refuses, or a logical tag name not in the registry.
+
+    Raised for a bad key by every API (``run.log_metrics``, ``log_params``, ``set_tags``,
+    ``TagSet``, ``TagKeys``); a ``ValueError`` too, so ``except ValueError`` catches it.
+    """
 
     def __str__(self) -> str:
         # KeyError quotes its message; a plain sentence reads better.

@@ -30,18 +30,13 @@ __all__ = ["TrackingCallback"]
 
 log = logging.getLogger(__name__)
 
-# MLflow keeps at most 6000 characters of a param value; cut here, quietly, because
-# Trainer arguments such as `fsdp_config` or `id2label` are routinely long.
-MAX_PARAM_LENGTH = 6000
-
 
 def _param_value(value: Any) -> Any:
+    # Mappings (fsdp_config, id2label) are flattened by log_params; a value too long for
+    # MLflow is cut there, with the one warning every cut value gets.
     if isinstance(value, Mapping):
         return {str(k): _param_value(v) for k, v in value.items() if v is not None}
-    text = str(value)
-    if len(text) > MAX_PARAM_LENGTH:
-        text = text[: MAX_PARAM_LENGTH - 3] + "..."
-    return text
+    return value
 
 
 def _params(source: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -69,8 +64,8 @@ class TrackingCallback(TrainerCallback):
       are not numbers are skipped.
     - Parameters (``params=True``): ``TrainingArguments`` (keys as given, prefixed with
       ``args_prefix``) and the model config (prefixed with ``config_prefix``) are logged
-      once, on the first ``on_train_begin``; ``None`` values are skipped, long values cut
-      to MLflow's 6000 characters, secrets (``hub_token``...) redacted by the Run.
+      once, on the first ``on_train_begin``; ``None`` values are skipped; the Run cuts long
+      values to MLflow's 6000 characters (with a warning) and redacts secrets (``hub_token``...).
     - ``log_model=True``: at the end of training the final model (and the tokenizer or
       processor the Trainer holds) is saved with ``save_pretrained`` and uploaded under
       ``model/``. ``log_checkpoints=True``: every checkpoint the Trainer saves is
