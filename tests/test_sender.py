@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from trainkit_tracking._sender import read_status, sender_running
+from trainkit_tracking._sender_lock import read_status, sender_running
 from trainkit_tracking._spool import spool_paths, uri_id
 from trainkit_tracking._store import Store
 from trainkit_tracking.testing import MlflowServer

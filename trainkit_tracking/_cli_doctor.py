@@ -199,7 +199,7 @@ def _check_spool(spool_dir: Path | None, report: Report) -> None:
         report.problems.append(f"the spool {directory} cannot be read: {describe(exc)}")
         return
     report.add("spool", f"{count} pending record{'s' * (count != 1)} in {directory}")
-    from trainkit_tracking._sender import senders
+    from trainkit_tracking._launch import senders
 
     running = senders(directory)
     report.add(

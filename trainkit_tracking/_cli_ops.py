@@ -181,8 +181,9 @@ def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
         )
     if report.sending:
         lines.append(
-            f"skipped {plural(report.sending, 'file')} that a sender process is sending "
-            "(`trainkit-tracking doctor` shows it); it stores them once the store answers"
+            f"skipped {plural(report.sending, 'file')} that a sender process (or another "
+            "sync) is sending: `trainkit-tracking doctor` lists the senders; they store "
+            "them once the store answers"
         )
     if report.other_store:
         lines.append(f"skipped {plural(report.other_store, 'file')} of other tracking stores")

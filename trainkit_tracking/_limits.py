@@ -6,8 +6,10 @@ MLflow is cut by ``cut``, which warns once per cut, whichever API it came throug
 
 from __future__ import annotations
 
+import operator
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from trainkit_tracking.errors import TagKeyError, warn
@@ -85,3 +87,88 @@ def cut(what: str, key: str, value: str, limit: int) -> str:
         "log_artifact."
     )
     return value[: limit - len(_ELLIPSIS)] + _ELLIPSIS
+
+
+# Values ------------------------------------------------------------------------
+
+MAX_STEP = 2**63 - 1
+# Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
+MAX_PARAM_DEPTH = 64
+
+
+def to_float(key: str, value: Any) -> float:
+    """``float(value)`` for anything ``float()`` accepts except bools and text."""
+    dtype = str(getattr(value, "dtype", ""))
+    if not isinstance(value, (bool, str, bytes, bytearray)) and dtype not in ("bool", "torch.bool"):
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise TypeError(
+        f"metric {key!r}: value {value!r} ({type(value).__name__}) is not a number; log an "
+        "int, a float or a numpy/torch scalar (NaN and inf are fine)"
+    )
+
+
+def check_step(step: Any) -> int:
+    """Return ``step`` as an int >= 0, else raise ValueError."""
+    if not isinstance(step, bool) and hasattr(type(step), "__index__"):
+        value = operator.index(step)
+        if 0 <= value <= MAX_STEP:
+            return value
+    raise ValueError(f"step must be an int >= 0, got {step!r}")
+
+
+def flatten(params: Mapping[Any, Any]) -> dict[str, Any]:
+    """``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``; an empty nested mapping is kept as ``{}``.
+
+    Iterative, with a depth limit: a mapping nested deeper than ``MAX_PARAM_DEPTH`` (or
+    one that contains itself) is a ValueError, never a RecursionError.
+    """
+    flat: dict[str, Any] = {}
+    stack: list[tuple[str, Mapping[Any, Any], int]] = [("", params, 1)]
+    while stack:
+        prefix, mapping, depth = stack.pop()
+        if depth > MAX_PARAM_DEPTH:
+            raise ValueError(
+                f"params nested more than {MAX_PARAM_DEPTH} levels deep under {prefix[:200]!r} "
+                "(a mapping that contains itself?); log a flatter dict, or the object with log_dict"
+            )
+        nested = []
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                nested.append((name + ".", value, depth + 1))
+            else:
+                flat[name] = value
+        stack.extend(reversed(nested))
+    return flat
+
+
+def storable(what: str, key: str, text: str) -> str:
+    """``text`` as the store can keep it: lone surrogates (``os.fsdecode`` of bytes that are
+    not UTF-8) would be refused by every backend, so they are escaped, with a warning."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            escaped = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        warn(
+            f"{what} {key!r}: the value is not valid text (undecodable bytes, e.g. from a file "
+            f"name); it is stored as {escaped[:200]!r}"
+        )
+        return escaped
+    return text
+
+
+def artifact_dir(path: Any, what: str) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, str):
+        raise TypeError(f"{what} must be a str or None, got {path!r}")
+    parts = path.replace("\\", "/").split("/")
+    if path.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", path):
+        raise ValueError(f"{what} {path!r} must be a relative path inside the run's artifacts")
+    return path.replace("\\", "/").strip("/") or None

@@ -2,15 +2,13 @@
 
 A ``RunLogger`` checks every value where it is logged (the only errors that reach the
 training loop) and appends it to its run's in-memory queue; the process's background
-worker (``_sync.py``) spools, batches and sends it.
+worker (``_worker.py``) spools and batches it, and the sender (``_sender.py``) sends it.
 """
 
 from __future__ import annotations
 
 import json
-import operator
 import os
-import re
 import secrets
 import signal
 import tempfile
@@ -21,112 +19,37 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trainkit_tracking._channel import Barrier, Channel
 from trainkit_tracking._limits import GOOD_KEYS as _GOOD_KEYS
 from trainkit_tracking._limits import MAX_KEY as MAX_KEY
 from trainkit_tracking._limits import MAX_PARAM_VALUE as MAX_PARAM_VALUE
+from trainkit_tracking._limits import (
+    MAX_STEP,
+    artifact_dir,
+    check_step,
+    flatten,
+    storable,
+    to_float,
+)
 from trainkit_tracking._limits import MAX_TAG_VALUE as MAX_TAG_VALUE
 from trainkit_tracking._limits import check_key as check_key
 from trainkit_tracking._limits import cut as _cut
 from trainkit_tracking._redact import get_logger, redact, redact_value
 from trainkit_tracking._spool import BLOB_DIR, default_spool_dir
 from trainkit_tracking._sync import SyncReport, pending, sync
-from trainkit_tracking._worker import Barrier, Channel, Worker, get_worker
+from trainkit_tracking._worker import Worker, get_worker
 from trainkit_tracking.errors import ParamConflictError, warn
 
 __all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
 
-MAX_STEP = 2**63 - 1
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
-# Deeper nesting than this in log_params is a mistake (a cycle, a model object), not config.
-MAX_PARAM_DEPTH = 64
 # Points queued in memory before the spooler is woken (~1.5 MB), and the most the queue holds
 # before a log call waits for the disk (~15 MB at ~150 B a point).
 QUEUE_KICK = 10_000
 QUEUE_MAX = 100_000
 log = get_logger(__name__)
-
-
-# Validation --------------------------------------------------------------------
-
-
-def to_float(key: str, value: Any) -> float:
-    """``float(value)`` for anything ``float()`` accepts except bools and text."""
-    dtype = str(getattr(value, "dtype", ""))
-    if not isinstance(value, (bool, str, bytes, bytearray)) and dtype not in ("bool", "torch.bool"):
-        try:
-            return float(value)
-        except (TypeError, ValueError, OverflowError):
-            pass
-    raise TypeError(
-        f"metric {key!r}: value {value!r} ({type(value).__name__}) is not a number; log an "
-        "int, a float or a numpy/torch scalar (NaN and inf are fine)"
-    )
-
-
-def check_step(step: Any) -> int:
-    """Return ``step`` as an int >= 0, else raise ValueError."""
-    if not isinstance(step, bool) and hasattr(type(step), "__index__"):
-        value = operator.index(step)
-        if 0 <= value <= MAX_STEP:
-            return value
-    raise ValueError(f"step must be an int >= 0, got {step!r}")
-
-
-def flatten(params: Mapping[Any, Any]) -> dict[str, Any]:
-    """``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``; an empty nested mapping is kept as ``{}``.
-
-    Iterative, with a depth limit: a mapping nested deeper than ``MAX_PARAM_DEPTH`` (or
-    one that contains itself) is a ValueError, never a RecursionError.
-    """
-    flat: dict[str, Any] = {}
-    stack: list[tuple[str, Mapping[Any, Any], int]] = [("", params, 1)]
-    while stack:
-        prefix, mapping, depth = stack.pop()
-        if depth > MAX_PARAM_DEPTH:
-            raise ValueError(
-                f"params nested more than {MAX_PARAM_DEPTH} levels deep under {prefix[:200]!r} "
-                "(a mapping that contains itself?); log a flatter dict, or the object with log_dict"
-            )
-        nested = []
-        for key, value in mapping.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping) and value:
-                nested.append((name + ".", value, depth + 1))
-            else:
-                flat[name] = value
-        stack.extend(reversed(nested))
-    return flat
-
-
-def storable(what: str, key: str, text: str) -> str:
-    """``text`` as the store can keep it: lone surrogates (``os.fsdecode`` of bytes that are
-    not UTF-8) would be refused by every backend, so they are escaped, with a warning."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            escaped = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:
-            escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        warn(
-            f"{what} {key!r}: the value is not valid text (undecodable bytes, e.g. from a file "
-            f"name); it is stored as {escaped[:200]!r}"
-        )
-        return escaped
-    return text
-
-
-def _artifact_dir(path: Any, what: str) -> str | None:
-    if path is None:
-        return None
-    if not isinstance(path, str):
-        raise TypeError(f"{what} must be a str or None, got {path!r}")
-    parts = path.replace("\\", "/").split("/")
-    if path.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", path):
-        raise ValueError(f"{what} {path!r} must be a relative path inside the run's artifacts")
-    return path.replace("\\", "/").strip("/") or None
 
 
 def _now_ms() -> int:
@@ -294,7 +217,7 @@ class RunLogger:
         if not path.is_file():
             problem = "is a directory (use log_artifacts)" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"artifact {str(local_path)!r} {problem}")
-        self._enqueue_artifact(str(path), _artifact_dir(artifact_path, "artifact_path"))
+        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"))
 
     def log_artifacts(
         self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
@@ -303,13 +226,11 @@ class RunLogger:
         path = Path(local_dir).absolute()
         if not path.is_dir():
             raise FileNotFoundError(f"artifact directory {str(local_dir)!r} does not exist")
-        self._enqueue_artifact(
-            str(path), _artifact_dir(artifact_path, "artifact_path"), is_dir=True
-        )
+        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"), is_dir=True)
 
     def log_dict(self, obj: Any, file_name: str) -> None:
         """Save ``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) in the run's artifacts."""
-        name = _artifact_dir(file_name, "file_name")
+        name = artifact_dir(file_name, "file_name")
         if name is None or not name.lower().endswith((".json", ".yaml", ".yml")):
             raise ValueError(f"file_name {file_name!r} must end in .json, .yaml or .yml")
         folder, _, base = name.rpartition("/")

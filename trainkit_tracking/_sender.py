@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit_tracking._redact import get_logger, redact_value
+from trainkit_tracking._sender_lock import hold_lock, status_path
 from trainkit_tracking._spool import (
     SUFFIX,
     AckLog,
@@ -41,59 +42,6 @@ POLL = 0.01  # how often a live spool file is looked at for new records
 SCAN = 0.25  # how often the directory is listed for new spool files
 IDLE_EXIT = 3.0  # seconds with nothing to send and no live writer before the process ends
 DEFAULT_LINGER = 3600.0  # seconds a store may stay down after the last writer died
-
-
-def lock_path(spool_dir: Path, uid: str) -> Path:
-    return spool_dir / f"sender-{uid}.lock"
-
-
-def status_path(spool_dir: Path, uid: str) -> Path:
-    return spool_dir / f"sender-{uid}.json"
-
-
-def hold_lock(spool_dir: Path, uid: str) -> int | None:
-    """Take the sender lock of ``uid`` in ``spool_dir``: its fd, or None if it is held."""
-    spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(lock_path(spool_dir, uid), os.O_RDWR | os.O_CREAT, 0o600)
-    if try_lock(fd):
-        return fd
-    os.close(fd)
-    return None
-
-
-def sender_running(spool_dir: Path, uid: str) -> bool:
-    """Whether a sender (a process, a thread of one, or ``sync``) holds the lock of ``uid``."""
-    try:
-        fd = hold_lock(spool_dir, uid)
-    except OSError:
-        return False
-    if fd is None:
-        return True
-    os.close(fd)  # closing the only fd releases the lock
-    return False
-
-
-def read_status(spool_dir: Path, uid: str) -> dict[str, Any]:
-    try:
-        data = json.loads(status_path(spool_dir, uid).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def senders(spool_dir: Path) -> list[dict[str, Any]]:
-    """The sender processes running for ``spool_dir``: their last status (pid, uri, down)."""
-    found = []
-    try:
-        names = sorted(os.listdir(spool_dir))
-    except OSError:
-        return []
-    for name in names:
-        if name.startswith("sender-") and name.endswith(".lock"):
-            uid = name[len("sender-") : -len(".lock")]
-            if sender_running(spool_dir, uid):
-                found.append({"uid": uid, **read_status(spool_dir, uid)})
-    return found
 
 
 @dataclass
@@ -249,13 +197,7 @@ class SpoolSender:
             return None
         file = _File(path=path, acks=AckLog(path), run_id=str(header[0].get("run")))
         file.foreign = self.own_paths is None and header[0].get("sender") == "thread"
-        file.offset = _header_end(path)
-        for mark in read_lines(ack_path(path), 0)[0]:
-            if mark.get("t") in ("d", "r", "x", "k"):
-                file.settled.add(int(mark["n"]))
-                file.kept = file.kept or mark.get("t") == "k"
-            elif mark.get("t") == "s":
-                file.checksums[int(mark["n"])] = str(mark["sha256"])
+        self._reopen(file)
         with contextlib.suppress(OSError):
             file.fd = os.open(path, os.O_RDONLY)
         return file
@@ -297,13 +239,15 @@ class SpoolSender:
         self.ignored.add(file.path)
 
     def _reopen(self, file: _File) -> None:
-        """A file its own process sent until it died: start from its marks as they are now."""
+        """Read ``file`` from its first record, skipping what its marks settled."""
         file.todo.clear()
         file.offset = _header_end(file.path)
         for mark in read_lines(ack_path(file.path), 0)[0]:
             if mark.get("t") in ("d", "r", "x", "k"):
                 file.settled.add(int(mark["n"]))
                 file.kept = file.kept or mark.get("t") == "k"
+            elif mark.get("t") == "s":
+                file.checksums[int(mark["n"])] = str(mark["sha256"])
 
     def _forget(self, file: _File) -> None:
         file.acks.close()
@@ -397,139 +341,6 @@ def _header_end(path: Path) -> int:
 def _reason(exc: BaseException) -> str:
     text = " ".join(redact_value(str(exc)).split())
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-# Starting one ------------------------------------------------------------------
-
-
-class Link:
-    """A training process's side of the sender of one store and spool directory.
-
-    ``ensure()`` starts a sender when none holds the lock: a process of its own (the
-    default), else (``TRAINKIT_SENDER=thread``, or when no process could be started) a
-    thread of this process.
-    """
-
-    def __init__(
-        self,
-        spool_dir: Path,
-        tracking_uri: str,
-        *,
-        timeout: float,
-        linger: float,
-        mode: str,
-        own_paths: Callable[[], set[Path]],
-    ) -> None:
-        self.own_paths = own_paths
-        self.spool_dir = spool_dir
-        self.uri = tracking_uri
-        self.uid = uri_id(tracking_uri)
-        self.timeout = timeout
-        self.linger = linger
-        self.mode = mode
-        self.lock = threading.Lock()
-        self.checked = 0.0
-        self.spawned: float | None = None  # a process started and not seen running yet
-        self.failures = 0
-        self.procs: list[Any] = []  # subprocess.Popen handles, polled so none is a zombie
-        self.thread: SpoolSender | None = None
-        self._status: tuple[float, dict[str, Any]] = (0.0, {})
-
-    def ensure(self, *, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        with self.lock:
-            if now - self.checked < 1.0:
-                return
-            self.checked = now
-            self.procs = [p for p in self.procs if p.poll() is None]
-            if self.thread is not None and not self.thread._stop.is_set():
-                return
-            if self.mode == "thread":
-                self._start_thread()
-                return
-            if sender_running(self.spool_dir, self.uid):
-                self.spawned, self.failures = None, 0
-                return
-            if self.spawned is not None:
-                if now - self.spawned < 5.0:
-                    return  # still starting
-                self.failures += 1
-            if self.failures >= 2:
-                from trainkit_tracking.errors import warn
-
-                warn(
-                    "trainkit-tracking could not start its sender process (see "
-                    f"{self.spool_dir / f'sender-{self.uid}.log'}); this process sends "
-                    "its runs' data itself, in a background thread"
-                )
-                self.mode = "thread"
-                self._start_thread()
-            else:
-                self._spawn(now)
-
-    def _start_thread(self) -> None:
-        sender = SpoolSender(
-            self.spool_dir,
-            self.uri,
-            timeout=self.timeout,
-            standalone=False,
-            own_paths=self.own_paths,
-        )
-        self.thread = sender
-        threading.Thread(target=sender.run, name="trainkit-sender", daemon=True).start()
-
-    def _spawn(self, now: float) -> None:
-        import subprocess
-
-        env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-            kwargs["creationflags"] = 0x00000200 | 0x08000000  # new group, no window
-        else:
-            kwargs["start_new_session"] = True  # not in the terminal's Ctrl-C group
-        logfile = self.spool_dir / f"sender-{self.uid}.log"
-        try:
-            if logfile.exists() and logfile.stat().st_size > 1 << 20:
-                logfile.unlink()
-            with open(logfile, "ab") as err:
-                command = [sys.executable, "-m", "trainkit_tracking._sender"]
-                command += [str(self.spool_dir), str(self.timeout), str(self.linger)]
-                proc = subprocess.Popen(
-                    command,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    env=env,
-                    close_fds=True,
-                    **kwargs,
-                )
-            assert proc.stdin is not None
-            proc.stdin.write((self.uri + "\n").encode("utf-8"))  # never on the command line
-            proc.stdin.close()
-        except (OSError, ValueError) as exc:
-            log.debug("could not start the sender process: %s", exc)
-            self.failures += 1
-            self.checked = 0.0
-            return
-        self.procs.append(proc)
-        self.spawned = now
-
-    def status(self) -> dict[str, Any]:
-        """The sender's last status (``down``: the store does not answer), read at most
-        twice a second."""
-        if self.thread is not None:
-            return {"down": self.thread.down_since is not None}
-        at, status = self._status
-        if time.monotonic() - at > 0.5:
-            status = read_status(self.spool_dir, self.uid)
-            self._status = (time.monotonic(), status)
-        return status
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.thread.stop()
 
 
 # The process -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainkit_tracking._redact import get_logger, redact_value
-from trainkit_tracking._sender import hold_lock
+from trainkit_tracking._sender_lock import hold_lock
 from trainkit_tracking._spool import (
     AckLog,
     Record,
@@ -24,6 +24,7 @@ from trainkit_tracking._spool import (
     ack_path,
     checksum,
     default_spool_dir,
+    read_lines,
     read_spool,
     send_record,
     spool_paths,
@@ -118,6 +119,15 @@ def sync(
     environ_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         for path in spool_paths(spool_dir):
+            # The store's sender lock first, then the file's: a sender process (or another
+            # sync) that holds the store keeps all of its files.
+            uid = _header_uri_id(path)
+            if uid is not None and not dry_run:
+                if uid not in sender_locks:
+                    sender_locks[uid] = hold_lock(spool_dir, uid)
+                if sender_locks[uid] is None:
+                    report.sending += 1
+                    continue
             try:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:  # finished and deleted meanwhile
@@ -143,15 +153,7 @@ def sync(
                 continue
             os.close(fd)
         runs: dict[tuple[str, str], list[SpoolFile]] = {}
-        for fd, spool, uri in list(held):
-            uid = uri_id(uri)
-            if uid not in sender_locks:
-                sender_locks[uid] = None if dry_run else hold_lock(spool_dir, uid)
-            if sender_locks[uid] is None and not dry_run:
-                report.sending += 1  # a sender process is sending this store's files
-                os.close(fd)
-                held.remove((fd, spool, uri))
-                continue
+        for _, spool, uri in held:
             runs.setdefault((uri, str(spool.run_id)), []).append(spool)
         stores: dict[str, Store] = {}
         if experiment is not None:
@@ -221,6 +223,13 @@ def sync(
 
 def _ack(acks: dict[int, AckLog], spool: SpoolFile) -> AckLog:
     return acks.setdefault(id(spool), AckLog(spool.path))
+
+
+def _header_uri_id(path: Path) -> str | None:
+    """The ``uri_id`` in a spool file's header (None for files written by 0.1)."""
+    header = read_lines(path, 0, 64 << 10)[0]
+    uid = header[0].get("uri_id") if header and header[0].get("t") == "h" else None
+    return uid if isinstance(uid, str) else None
 
 
 def _later_tags(spools: list[SpoolFile]) -> dict[tuple[int, int], frozenset[str]]:
