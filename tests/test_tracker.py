@@ -15,7 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError, _store
+from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError, _claims, _store
 from trainkit_tracking._store import Store
 from trainkit_tracking.testing import TrainkitStore
 
@@ -492,15 +492,15 @@ def test_a_hidden_claim_keeps_its_number_reserved(
     )
     store = Store(uri)
     experiment_id = store.get_or_create_experiment(f"claims-{uuid.uuid4().hex[:8]}")
-    first = store.claim_version(experiment_id, "base")
-    _store._drain_hides()
-    name = _store.claim_experiment_name(experiment_id, "base", first)
+    first = _claims.claim_version(store, experiment_id, "base")
+    _claims._drain_hides()
+    name = _claims.claim_experiment_name(experiment_id, "base", first)
     hidden = MlflowClient(uri).get_experiment_by_name(name)
     assert hidden is not None and hidden.lifecycle_stage == "deleted"
     with pytest.raises(MlflowException) as taken:
         MlflowClient(uri).create_experiment(name)
     assert _store.is_already_exists(taken.value)
-    assert store.claim_version(experiment_id, "base") == first + 1
+    assert _claims.claim_version(store, experiment_id, "base") == first + 1
 
 
 def test_uncaught_error_ends_open_runs_failed(trainkit_store: TrainkitStore) -> None:

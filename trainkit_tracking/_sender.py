@@ -125,6 +125,8 @@ class SpoolSender:
                 idle_since = now
             if self.standalone:
                 self._write_status(waiting)
+            if not self.standalone and not self.files and now - idle_since > IDLE_EXIT:
+                break  # a thread with nothing to send: started again when needed
             if self.standalone and not live:
                 if not waiting and now - idle_since > IDLE_EXIT:
                     break
@@ -135,6 +137,7 @@ class SpoolSender:
                 delay = self._backoff() if self.down_since is not None else POLL
                 self._stop.wait(delay)
         self._close_all()
+        self._stop.set()
 
     def step(self) -> tuple[bool, bool]:
         """One pass: find files, read new records, send. Returns (sent something, work left)."""
