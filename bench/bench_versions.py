@@ -178,6 +178,7 @@ def _racer(
 ) -> None:
     from mlflow import MlflowClient
 
+    from trainkit_tracking._claims import claim_version
     from trainkit_tracking._store import Store
 
     try:
@@ -187,7 +188,7 @@ def _racer(
         barrier.wait(timeout=300)
         released = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
         if kind == "today":
-            version = store.claim_version(experiment_id, BASE)
+            version = claim_version(store, experiment_id, BASE)
         else:
             version = param_claim(client, claims_run, BASE)
         results.put((version, time.monotonic() - released))
