@@ -49,7 +49,7 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
 
 def bench_context_tags(uri: str, spool: Path, n: int) -> list[Row]:
     from trainkit_tracking import RunSpec, TagKeys, Tracker
-    from trainkit_tracking._context import RunContext, git_info, package_versions
+    from trainkit_tracking._insight.context import RunContext, git_info, package_versions
 
     keys = TagKeys.default()
     git = statistics.median(timed(lambda: git_info(ROOT), max(5, n // 10)))
@@ -101,7 +101,7 @@ def bench_context_tags(uri: str, spool: Path, n: int) -> list[Row]:
 
 def bench_sampler(uri: str, spool: Path, window: float, calls: int) -> list[Row]:
     from trainkit_tracking import RunSpec, Tracker
-    from trainkit_tracking._system import DEFAULT_INTERVAL
+    from trainkit_tracking._insight.system import DEFAULT_INTERVAL
 
     spec = RunSpec(kind="final_training", model="bert")
     probe_tracker = Tracker("sys-bench", uri, spool_dir=spool, system_metrics=True)

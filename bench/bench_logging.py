@@ -86,7 +86,7 @@ def start_server(root: Path) -> tuple[str, Callable[[], None]]:
 
 
 def new_run(uri: str, name: str) -> str:
-    from trainkit_tracking._store import Store
+    from trainkit_tracking._store.store import Store
 
     store = Store(uri)
     return store.create_run(store.get_or_create_experiment("bench"), name, {}).run_id
@@ -99,7 +99,7 @@ def bench_per_call(uri: str, label: str, sizes: Sizes, spool: Path) -> list[Row]
     """Cost of one logging call in the training loop, and time until all calls are stored."""
     import mlflow
 
-    from trainkit_tracking._logging import RunLogger
+    from trainkit_tracking._journal.run_logger import RunLogger
 
     logger = RunLogger(uri, new_run(uri, "ours-per-call"), spool_dir=spool)
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def bench_ingestion(uri: str, label: str, sizes: Sizes, spool: Path) -> list[Row
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from trainkit_tracking._logging import RunLogger
+    from trainkit_tracking._journal.run_logger import RunLogger
 
     keys = [f"m{k:02d}" for k in range(100)]
     steps = sizes.points // len(keys)

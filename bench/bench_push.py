@@ -77,7 +77,7 @@ def start_server(root: Path, template: Path) -> tuple[str, Callable[[], None]]:
 
 def fill(uri: str, experiment: str, runs: int, points: int, keys: int) -> None:
     """``runs`` finished runs of ``points`` points each over ``keys`` keys, with raw log_batch."""
-    from trainkit_tracking._store import Store
+    from trainkit_tracking._store.store import Store
 
     store = Store(uri)
     experiment_id = store.get_or_create_experiment(experiment)
@@ -106,7 +106,7 @@ def bench_throughput(source: str, target: str, label: str, sizes: Sizes) -> list
     from mlflow.entities import Metric
 
     from trainkit_tracking import push
-    from trainkit_tracking._store import Store
+    from trainkit_tracking._store.store import Store
 
     steps = sizes.points // sizes.keys
     metrics = [

@@ -46,8 +46,8 @@ LOOP = textwrap.dedent(
     steps = int(rate / 5 * seconds)
     log = None
     if mode in ("process", "thread"):
-        from trainkit_tracking._logging import RunLogger
-        from trainkit_tracking._store import Store
+        from trainkit_tracking._journal.run_logger import RunLogger
+        from trainkit_tracking._store.store import Store
         store = Store(uri)
         run_id = store.create_run(store.get_or_create_experiment("bench"), mode, {}).run_id
         logger = RunLogger(uri, run_id, spool_dir=sys.argv[6])
@@ -185,8 +185,8 @@ def bench_ingestion(stores: list[tuple[str, str]], points: int, root: Path) -> l
         script = textwrap.dedent(
             """
             import sys, time
-            from trainkit_tracking._logging import RunLogger
-            from trainkit_tracking._store import Store
+            from trainkit_tracking._journal.run_logger import RunLogger
+            from trainkit_tracking._store.store import Store
             uri, n, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
             store = Store(uri)
             run_id = store.create_run(store.get_or_create_experiment("bench"), "in", {}).run_id
@@ -263,9 +263,9 @@ def bench_outage(rss_points: int, kill_points: int, root: Path) -> list[list[str
     """RSS of the training process and of the sender through an outage of ``rss_points``;
     then, for ``kill_points``, SIGKILL of the training process and the time until the last
     point is stored once the server is back (no `sync`)."""
-    from trainkit_tracking._sender_lock import read_status
-    from trainkit_tracking._spool import uri_id
-    from trainkit_tracking._store import Store
+    from trainkit_tracking._journal.sender_lock import read_status
+    from trainkit_tracking._journal.spool import uri_id
+    from trainkit_tracking._store.store import Store
 
     uri, server, proc, spool, _ = _outage(rss_points, root, "rss")
     try:

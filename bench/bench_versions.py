@@ -178,8 +178,8 @@ def _racer(
 ) -> None:
     from mlflow import MlflowClient
 
-    from trainkit_tracking._claims import claim_version
-    from trainkit_tracking._store import Store
+    from trainkit_tracking._store.claims import claim_version
+    from trainkit_tracking._store.store import Store
 
     try:
         store = Store(uri, timeout=120)

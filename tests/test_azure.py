@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import RunSpec, StoreUnavailableError, Tracker, TrackingError, _azure
+from trainkit_tracking import RunSpec, StoreUnavailableError, Tracker, TrackingError
+from trainkit_tracking._store import azure as _azure
 from trainkit_tracking.testing import TrainkitStore
 
 STUDY = "350a79aa0000ffff"

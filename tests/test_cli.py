@@ -19,9 +19,9 @@ from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
 from trainkit_tracking import NamingPolicy, RunSpec, Tracker
-from trainkit_tracking._cli_common import parse_duration
-from trainkit_tracking._logging import pending
-from trainkit_tracking._store import Store
+from trainkit_tracking._cli.common import parse_duration
+from trainkit_tracking._journal.run_logger import pending
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.cli import cli, render_tree
 from trainkit_tracking.testing import TrainkitStore
 
@@ -538,7 +538,7 @@ DEAD_WRITER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from trainkit_tracking._spool import SpoolWriter
+    from trainkit_tracking._journal.spool import SpoolWriter
     spool, uri, run_id = sys.argv[1:4]
     ts = int(time.time() * 1000)
     writer = SpoolWriter(Path(spool), uri, run_id)

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import RunSpec, TagKeyError, TagKeys, Tracker, TrackingError
-from trainkit_tracking._context import RunContext, git_info, keep_mlflow_tags, source
-from trainkit_tracking._tags import os_account
+from trainkit_tracking._core.tags import os_account
+from trainkit_tracking._insight.context import RunContext, git_info, keep_mlflow_tags, source
 from trainkit_tracking.testing import TrainkitStore
 
 GIT_KEYS = ("mlflow.source.git.commit", "code.git.branch", "code.git.dirty")

@@ -16,8 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import Run, RunSpec, Tracker
-from trainkit_tracking._cv_stats import select_folds, stats, summarize
-from trainkit_tracking._store import RunRecord
+from trainkit_tracking._insight.cv_stats import select_folds, stats, summarize
+from trainkit_tracking._store.store import RunRecord
 from trainkit_tracking.cli import render_tree
 from trainkit_tracking.testing import TrainkitStore
 
@@ -172,7 +172,7 @@ def test_a_failing_summary_never_stops_the_end(
         raise OSError("store went away")
 
     monkeypatch.setattr(tracker.store, "search", broken)
-    with caplog.at_level(logging.WARNING, logger="trainkit_tracking._cv"):
+    with caplog.at_level(logging.WARNING, logger="trainkit_tracking._insight.cv"):
         assert trial.end() is True
         assert sweep.end() is True
     client = MlflowClient(trainkit_store.uri)

@@ -310,7 +310,7 @@ def test_exit_with_three_open_runs_and_a_dead_store_is_bounded_and_sync_finishes
         server.restart()
         code, out, _ = cli("sync", "--tracking-uri", server.uri, "--spool-dir", str(spool))
         assert code == 0, out
-        from trainkit_tracking._store import Store
+        from trainkit_tracking._store.store import Store
 
         store = Store(server.uri)
         want = "FINISHED" if mode == "normal" else "KILLED"
@@ -377,7 +377,7 @@ def test_no_credential_anywhere_across_an_outage(
         assert run.flush(60)  # this process's sender delivers once the store is back
         code, out, _ = cli("sync", "--tracking-uri", uri, "--spool-dir", str(spool))
         assert code == 0 and secret not in out, out
-        from trainkit_tracking._store import Store
+        from trainkit_tracking._store.store import Store
 
         record = Store(server.uri).get_run(run.id)
         assert record.status == "FINISHED"
@@ -454,7 +454,7 @@ def test_runs_made_while_the_server_is_down_are_pushed_by_push_with_no_arguments
             timeout=300,
         )
         assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-        from trainkit_tracking._store import Store
+        from trainkit_tracking._store.store import Store
 
         store = Store(server.uri)
         (experiment,) = [e for e in store.list_experiments() if e.name == "offline-e2e"]

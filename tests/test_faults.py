@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from trainkit_tracking import TrackingWarning
-from trainkit_tracking._logging import RunLogger, pending, sync
-from trainkit_tracking._store import Store
+from trainkit_tracking._journal.run_logger import RunLogger, pending, sync
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_sigkill_with_the_store_down_then_sync_recovers_exactly_once(
         """
         import sys, time
         from pathlib import Path
-        from trainkit_tracking._logging import RunLogger
+        from trainkit_tracking._journal.run_logger import RunLogger
         uri, run_id, spool = sys.argv[1], sys.argv[2], Path(sys.argv[3])
         logger = RunLogger(uri, run_id, spool_dir=spool, flush_interval=0.5)
         for step in range(2000):
@@ -171,7 +171,7 @@ def test_sigkill_after_a_flush_then_sync_exactly_once(
         """
         import sys, time
         from pathlib import Path
-        from trainkit_tracking._logging import RunLogger
+        from trainkit_tracking._journal.run_logger import RunLogger
         uri, run_id, spool = sys.argv[1], sys.argv[2], Path(sys.argv[3])
         logger = RunLogger(uri, run_id, spool_dir=spool)
         for step in range(1000):
@@ -243,7 +243,7 @@ def test_spool_full_mid_run_warns_once_and_training_goes_on(
     code = """
         import sys, time
         from pathlib import Path
-        from trainkit_tracking._logging import RunLogger
+        from trainkit_tracking._journal.run_logger import RunLogger
         logger = RunLogger(sys.argv[1], sys.argv[2], spool_dir=Path(sys.argv[3]),
                            flush_interval=0.1)
         for step in range(6000):
@@ -278,7 +278,7 @@ def test_interpreter_exit_sends_what_is_pending(
     code = """
         import sys
         from pathlib import Path
-        from trainkit_tracking._logging import RunLogger
+        from trainkit_tracking._journal.run_logger import RunLogger
         logger = RunLogger(sys.argv[1], sys.argv[2], spool_dir=Path(sys.argv[3]),
                            flush_interval=30.0)
         for step in range(1000):
@@ -298,7 +298,7 @@ def test_interpreter_exit_with_the_store_down_is_bounded(tmp_path: Path) -> None
     code = """
         import sys
         from pathlib import Path
-        from trainkit_tracking._logging import RunLogger
+        from trainkit_tracking._journal.run_logger import RunLogger
         logger = RunLogger(sys.argv[1], "0" * 32, spool_dir=Path(sys.argv[2]))
         for step in range(100):
             logger.log_metric("m", float(step), step=step)

@@ -176,7 +176,7 @@ def test_study_and_trial_keys_are_public() -> None:
 def test_sync_and_pending_are_public_and_lazy(tmp_path: object) -> None:
     code = (
         "import sys, trainkit_tracking as t;"
-        "assert 'trainkit_tracking._logging' not in sys.modules;"
+        "assert 'trainkit_tracking._journal.run_logger' not in sys.modules;"
         "from trainkit_tracking import sync, pending;"
         "import pathlib, tempfile; d = pathlib.Path(tempfile.mkdtemp());"
         "assert pending(d) == 0 and sync(d).sent == 0;"

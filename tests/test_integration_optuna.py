@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import Run, Tracker, fingerprint
-from trainkit_tracking._keys import study_key, trial_key
+from trainkit_tracking._core.fingerprint import study_key, trial_key
 from trainkit_tracking.testing import TrainkitStore
 
 optuna = pytest.importorskip("optuna")

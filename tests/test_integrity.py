@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from trainkit_tracking import RunSpec, Tracker, TrackingWarning
-from trainkit_tracking._store import Store
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer, TrainkitStore
 
 SPEC = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainkit_tracking import fingerprint
-from trainkit_tracking._keys import canonical_json, study_key, trial_key
+from trainkit_tracking._core.fingerprint import canonical_json, study_key, trial_key
 from trainkit_tracking.models import RunKind, RunSpec
 
 

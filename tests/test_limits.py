@@ -19,7 +19,7 @@ from mlflow.utils.validation import (
 )
 
 from trainkit_tracking import Run, RunSpec, TagKeyError, TagKeys, TagSet, Tracker, TrackingWarning
-from trainkit_tracking._limits import check_key, key_problem
+from trainkit_tracking._core.limits import check_key, key_problem
 from trainkit_tracking.testing import TrainkitStore
 
 BAD_KEYS = ["", ".", "..", "..a", "/lead", "a/../b", "a//b", "a/", "./a", "a$b", "x" * 251]

@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from trainkit_tracking import ParamConflictError, TrackingWarning
-from trainkit_tracking._logging import RunLogger, default_spool_dir, pending
-from trainkit_tracking._spool import MAX_BATCH_BYTES, read_spool, spool_paths
-from trainkit_tracking._store import Store
+from trainkit_tracking._journal.run_logger import RunLogger, default_spool_dir, pending
+from trainkit_tracking._journal.spool import MAX_BATCH_BYTES, read_spool, spool_paths
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer, TrainkitStore
 
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainkit_tracking._naming import NamingPolicy, semantic_suffix
-from trainkit_tracking._patterns import FORBIDDEN_CHARS
+from trainkit_tracking._core.naming import NamingPolicy, semantic_suffix
+from trainkit_tracking._core.patterns import FORBIDDEN_CHARS
 from trainkit_tracking.errors import PolicyError
 from trainkit_tracking.models import RunKind, RunSpec
 

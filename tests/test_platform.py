@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainkit_tracking import detect_platform
-from trainkit_tracking._platform import local_store_path, local_store_uri
+from trainkit_tracking._core.platform import local_store_path, local_store_uri
 
 
 @pytest.mark.parametrize(

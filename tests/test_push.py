@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from trainkit_tracking import Lineage, PushReport, RunSpec, Tracker, TrackingError, push
-from trainkit_tracking._store import Store
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.cli import cli
 from trainkit_tracking.testing import TrainkitStore
 
@@ -555,7 +555,7 @@ def test_artifact_added_later_is_sent_once(
 def test_a_second_push_of_the_same_store_is_refused(
     trainkit_store: TrainkitStore, target: str
 ) -> None:
-    from trainkit_tracking._spool import try_lock
+    from trainkit_tracking._journal.spool import try_lock
 
     _one_run(trainkit_store.uri)
     lock = trainkit_store.db_path.with_name("mlflow.db.push.lock")

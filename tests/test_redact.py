@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainkit_tracking._redact import MASK, is_secret_key, redact, redact_value
+from trainkit_tracking._core.redact import MASK, is_secret_key, redact, redact_value
 
 SECRET_KEYS = [
     # SPEC section 8's examples.

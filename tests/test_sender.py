@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from trainkit_tracking._sender_lock import read_status, sender_running
-from trainkit_tracking._spool import spool_paths, uri_id
-from trainkit_tracking._store import Store
+from trainkit_tracking._journal.sender_lock import read_status, sender_running
+from trainkit_tracking._journal.spool import spool_paths, uri_id
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -192,7 +192,7 @@ def _race(
 
         sync(Path(spool), tracking_uri=uri)
     else:  # a second sender process: it finds the lock held and leaves
-        command = [sys.executable, "-m", "trainkit_tracking._sender", spool, "30", "30"]
+        command = [sys.executable, "-m", "trainkit_tracking._journal.sender", spool, "30", "30"]
         done = subprocess.run(command, input=uri + "\n", text=True, timeout=120, check=False)
         assert done.returncode == 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from trainkit_tracking import RunSpec, Tracker
-from trainkit_tracking._store import Store
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer, TrainkitStore
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trainkit_tracking._logging import RunLogger, pending, sync
-from trainkit_tracking._spool import (
+from trainkit_tracking._journal.run_logger import RunLogger, pending, sync
+from trainkit_tracking._journal.spool import (
     MAX_BATCH_BYTES,
     AckLog,
     SpoolWriter,
@@ -22,7 +22,7 @@ from trainkit_tracking._spool import (
     read_spool,
     spool_paths,
 )
-from trainkit_tracking._store import Store
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import TrainkitStore
 
 
@@ -101,7 +101,7 @@ def test_live_spool_file_is_locked_and_never_visible_unlocked(spool: Path) -> No
 def test_segments_rotate_once_fully_acknowledged(
     spool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainkit_tracking._spool as spool_module
+    import trainkit_tracking._journal.spool as spool_module
 
     monkeypatch.setattr(spool_module, "ROTATE_BYTES", 2000)
     writer = SpoolWriter(spool, "sqlite:///x.db", "c" * 32)
@@ -196,7 +196,7 @@ def test_two_concurrent_syncs_send_each_record_once(store: Store, spool: Path) -
         """
         import json, sys
         from pathlib import Path
-        from trainkit_tracking._logging import sync
+        from trainkit_tracking._journal.run_logger import sync
         report = sync(Path(sys.argv[1]))
         print(json.dumps({"sent": report.sent, "busy": report.busy, "errors": report.errors}))
         """

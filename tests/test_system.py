@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainkit_tracking import RunSpec, Tracker, TrackingError, TrackingWarning
-from trainkit_tracking._system import Sampler, visible_gpus
+from trainkit_tracking._insight.system import Sampler, visible_gpus
 from trainkit_tracking.testing import TrainkitStore
 
 pytest.importorskip("psutil")

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_length_limit, _validate_tag_name
 
-from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWarning, _tags
-from trainkit_tracking._limits import check_key
-from trainkit_tracking._tag_keys import TagKeys
-from trainkit_tracking._tags import TagSet, creation_tags
+from trainkit_tracking import Lineage, RunKind, RunSpec, TagKeyError, TrackingWarning
+from trainkit_tracking._core import tags as _tags
+from trainkit_tracking._core.limits import check_key
+from trainkit_tracking._core.tag_keys import TagKeys
+from trainkit_tracking._core.tags import TagSet, creation_tags
 from trainkit_tracking._version import __version__
 
 ENV = {"USER": "ana"}

@@ -15,8 +15,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError, _claims, _store
-from trainkit_tracking._store import Store
+from trainkit_tracking import Lineage, RunSpec, Tracker, TrackingError
+from trainkit_tracking._store import claims as _claims
+from trainkit_tracking._store import store as _store
+from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import TrainkitStore
 
 STUDY = "350a79aa0000ffff"

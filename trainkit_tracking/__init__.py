@@ -2,13 +2,14 @@
 
 from typing import TYPE_CHECKING, Any
 
-from trainkit_tracking._keys import fingerprint, study_key, trial_key
-from trainkit_tracking._naming import NamingPolicy
-from trainkit_tracking._platform import detect_platform
-from trainkit_tracking._runs import Run
-from trainkit_tracking._tag_keys import TagKeys
-from trainkit_tracking._tags import TagSet
-from trainkit_tracking._tracker import Tracker
+from trainkit_tracking._core.fingerprint import fingerprint, study_key, trial_key
+from trainkit_tracking._core.naming import NamingPolicy
+from trainkit_tracking._core.platform import detect_platform
+from trainkit_tracking._core.spec import Lineage, RunKind, RunSpec, training_id
+from trainkit_tracking._core.tag_keys import TagKeys
+from trainkit_tracking._core.tags import TagSet
+from trainkit_tracking._runs.run import Run
+from trainkit_tracking._runs.tracker import Tracker
 from trainkit_tracking._version import __version__
 from trainkit_tracking.errors import (
     ParamConflictError,
@@ -18,19 +19,18 @@ from trainkit_tracking.errors import (
     TrackingError,
     TrackingWarning,
 )
-from trainkit_tracking.models import Lineage, RunKind, RunSpec, training_id
 
 if TYPE_CHECKING:
-    from trainkit_tracking._logging import pending, sync
-    from trainkit_tracking._push import PushReport, push
+    from trainkit_tracking._journal.run_logger import pending, sync
+    from trainkit_tracking._push.push import PushReport, push
 
 # Loaded on first use: the spool machinery is not needed to import the package.
 # Loaded on first use: importing the package stays cheap (no spool or push machinery).
 _LAZY = {
-    "pending": "trainkit_tracking._logging",
-    "sync": "trainkit_tracking._logging",
-    "push": "trainkit_tracking._push",
-    "PushReport": "trainkit_tracking._push",
+    "pending": "trainkit_tracking._journal.run_logger",
+    "sync": "trainkit_tracking._journal.run_logger",
+    "push": "trainkit_tracking._push.push",
+    "PushReport": "trainkit_tracking._push.push",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from trainkit_tracking._cli_common import (
+from trainkit_tracking._cli.common import (
     EXIT_PROBLEM,
     EXIT_USAGE,
     CliError,
@@ -27,11 +27,11 @@ from trainkit_tracking._cli_common import (
     open_store,
     progressbar,
 )
-from trainkit_tracking._cli_policy import policy
-from trainkit_tracking._cli_push import push_command
-from trainkit_tracking._cli_tree import render_tree
+from trainkit_tracking._cli.policy import policy
+from trainkit_tracking._cli.push import push_command
+from trainkit_tracking._cli.tree import render_tree
+from trainkit_tracking._core.spec import RunKind
 from trainkit_tracking._version import __version__
-from trainkit_tracking.models import RunKind
 
 __all__ = ["cli", "main", "render_tree"]
 
@@ -157,7 +157,7 @@ def doctor(
 
     Exits 1 when a problem is found. Secrets are masked.
     """
-    from trainkit_tracking._cli_doctor import doctor as run_doctor
+    from trainkit_tracking._cli.doctor import doctor as run_doctor
 
     report = run_doctor(tracking_uri, experiment, spool_dir=spool_dir, timeout=timeout)
     click.echo(report.render())
@@ -197,8 +197,8 @@ def name(kind: str, model: str, run_id: str | None, policy: Path | None, **field
 
     An invalid spec exits 2 with one line naming the field.
     """
-    from trainkit_tracking._cli_naming import build_spec
-    from trainkit_tracking._naming import NamingPolicy
+    from trainkit_tracking._cli.naming import build_spec
+    from trainkit_tracking._core.naming import NamingPolicy
     from trainkit_tracking.errors import PolicyError
 
     spec = build_spec(kind, model, fields)
@@ -232,7 +232,7 @@ def tree(
     timeout: float,
 ) -> None:
     """Draw the run tree with status, duration and a metric, ordered by start time."""
-    from trainkit_tracking.models import validate_run_id
+    from trainkit_tracking._core.spec import validate_run_id
 
     if run_id is not None:
         try:
@@ -292,9 +292,9 @@ def sync(
     Exits 1 when some records could not be stored (yet) or artifacts were dropped; items
     the store refused for good are listed and never sent again.
     """
-    from trainkit_tracking._cli_ops import sync_lines
-    from trainkit_tracking._logging import default_spool_dir
-    from trainkit_tracking._logging import sync as run_sync
+    from trainkit_tracking._cli.ops import sync_lines
+    from trainkit_tracking._journal.run_logger import default_spool_dir
+    from trainkit_tracking._journal.run_logger import sync as run_sync
 
     bar: Any = None
     shown = 0
@@ -352,8 +352,8 @@ def reap(
     process lives) is older than --older-than; a run without one is judged by its start
     time.
     """
-    from trainkit_tracking._cli_ops import find_running, reap_lines
-    from trainkit_tracking._cli_ops import reap as run_reap
+    from trainkit_tracking._cli.ops import find_running, reap_lines
+    from trainkit_tracking._cli.ops import reap as run_reap
 
     if older_than < _MIN_SAFE_REAP:
         click.echo(

@@ -10,15 +10,6 @@ TrackingWarning (a UserWarning)
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
-import warnings
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_log = logging.getLogger("trainkit_tracking")
-
 
 class TrackingError(Exception):
     """Base class of every error raised by trainkit_tracking."""
@@ -80,24 +71,3 @@ def _unavailable(message: str, uri: str, operation: str, waited: float) -> Store
 
 class TrackingWarning(UserWarning):
     """Warnings of trainkit_tracking: cut values, fallbacks, spooled data."""
-
-
-def warn(message: str) -> None:
-    """A TrackingWarning (credentials masked) attributed to the first caller outside the package.
-
-    In the worker's threads a warnings filter set to "error" must not lose data: the
-    warning then becomes a log record.
-    """
-    from trainkit_tracking._redact import redact_value
-
-    message = redact_value(message)
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    if frame is not None and frame.f_code.co_filename != threading.__file__:
-        warnings.warn(message, TrackingWarning, stacklevel=level)
-        return
-    try:  # no caller outside the package: one of the worker's threads
-        warnings.warn(message, TrackingWarning, stacklevel=2)
-    except Exception:  # a filter set to "error" in a thread nobody catches for
-        _log.warning("%s", message)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from trainkit_tracking import _env
+from trainkit_tracking._core import env as _env
 from trainkit_tracking._testing_servers import MlflowServer as MlflowServer
 from trainkit_tracking._testing_servers import free_port as free_port
 from trainkit_tracking._testing_servers import silent_server as silent_server
@@ -82,14 +82,14 @@ def migrated_sqlite_template(directory: str | os.PathLike[str]) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    from mlflow import MlflowClient
+    from trainkit_tracking._store.store import Store
 
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     # The Default experiment records cwd/mlruns as its artifact root; keep that out of the
     # caller's cwd (each copy rewrites it anyway).
     with _env_set({"MLFLOW_DISABLE_TELEMETRY": "true"}), _chdir(path.parent):
-        MlflowClient(_sqlite_uri(partial)).search_experiments()
+        Store(_sqlite_uri(partial), timeout=300.0).ping()
     partial.replace(path)
     return path
 

@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         'pip install "trainkit-tracking[torch]"'
     ) from exc
 
-from trainkit_tracking import Tracker, _rank
+from trainkit_tracking import Tracker
 
 __all__ = [
     "broadcast_object",
@@ -42,7 +42,7 @@ _MASTER_ADDR = "MASTER_ADDR"
 
 def rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank: torch.distributed when initialised, else RANK, SLURM_PROCID, ..."""
-    return _rank.current_rank(os.environ if environ is None else environ)
+    return Tracker(environ=os.environ if environ is None else environ).rank
 
 
 def is_rank_zero(environ: Mapping[str, str] | None = None) -> bool:

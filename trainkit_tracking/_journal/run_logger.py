@@ -1,0 +1,367 @@
+"""The run logger of SPEC section 7: validate at the call site, enqueue, never block.
+
+A ``RunLogger`` checks every value where it is logged (the only errors that reach the
+training loop) and appends it to its run's in-memory queue; the process's background
+worker (``_worker.py``) spools and batches it, and the sender (``_sender.py``) sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trainkit_tracking._core.limits import GOOD_KEYS as _GOOD_KEYS
+from trainkit_tracking._core.limits import MAX_KEY as MAX_KEY
+from trainkit_tracking._core.limits import MAX_PARAM_VALUE as MAX_PARAM_VALUE
+from trainkit_tracking._core.limits import (
+    MAX_STEP,
+    artifact_dir,
+    check_step,
+    flatten,
+    storable,
+    to_float,
+)
+from trainkit_tracking._core.limits import MAX_TAG_VALUE as MAX_TAG_VALUE
+from trainkit_tracking._core.limits import check_key as check_key
+from trainkit_tracking._core.limits import cut as _cut
+from trainkit_tracking._core.redact import get_logger, redact, redact_value, warn
+from trainkit_tracking._journal.channel import Barrier, Channel
+from trainkit_tracking._journal.spool import BLOB_DIR, default_spool_dir
+from trainkit_tracking._journal.sync import SyncReport, pending, sync
+from trainkit_tracking._journal.worker import Worker, get_worker
+from trainkit_tracking._process import hooks
+from trainkit_tracking.errors import ParamConflictError
+
+__all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+_LIVE: weakref.WeakSet[RunLogger] = weakref.WeakSet()
+# Points queued in memory before the spooler is woken (~1.5 MB), and the most the queue holds
+# before a log call waits for the disk (~15 MB at ~150 B a point).
+QUEUE_KICK = 10_000
+QUEUE_MAX = 100_000
+log = get_logger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# The logger --------------------------------------------------------------------
+
+
+class RunLogger:
+    """Buffered, spooled logging into one MLflow run; all sending happens in the background."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        *,
+        spool_dir: Path,
+        flush_interval: float = 1.0,
+        known_params: Mapping[str, str] | None = None,
+        heartbeat_interval: float = 30.0,
+        heartbeat_tag: str = "code.heartbeat",
+        timeout: float = 30.0,
+        holder_tag: str | None = None,
+    ) -> None:
+        if not flush_interval > 0:
+            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.spool_dir = Path(spool_dir)
+        self._flush_interval = float(flush_interval)
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._heartbeat_tag = heartbeat_tag
+        self._timeout = float(timeout)
+        self._holder_tag = holder_tag
+        self._params: dict[str, str] = dict(known_params or {})
+        self._lock = threading.Lock()
+        self._ended = False
+        self._warned_after_end = False
+        self._forked = False
+        self._worker: Worker
+        self._channel = self._new_channel(heartbeat=True)
+        _LIVE.add(self)
+
+    def _new_channel(self, *, heartbeat: bool) -> Channel:
+        channel = Channel(
+            self.tracking_uri,
+            self.run_id,
+            self.spool_dir,
+            flush_interval=self._flush_interval,
+            heartbeat_interval=self._heartbeat_interval,
+            heartbeat_tag=self._heartbeat_tag,
+            heartbeat=heartbeat,
+            timeout=self._timeout,
+            holder_tag=self._holder_tag if heartbeat else None,
+        )
+        self._worker = get_worker()
+        self._worker.register(channel)
+        return channel
+
+    def _slow_path(self) -> Channel:
+        """After a fork (the child gets its own worker and spool) or after ``end``."""
+        if self._forked:
+            self._forked = False
+            self._channel = self._new_channel(heartbeat=False)  # the parent keeps the beat
+            _flush_at_child_exit(self)
+        if self._ended:
+            if not self._warned_after_end:
+                self._warned_after_end = True
+                warn(f"run {self.run_id} was ended; what is logged to it now is still sent")
+            self._worker.register(self._channel)
+        return self._channel
+
+    @property
+    def store_down(self) -> bool:
+        """Whether this run's store is known not to answer right now (the sender backs off,
+        or an end already waited in vain): then ending does not read from it."""
+        return self._worker.store_down(self._channel)
+
+    def __repr__(self) -> str:
+        return (
+            f"RunLogger(run_id={self.run_id!r}, tracking_uri={redact_value(self.tracking_uri)!r})"
+        )
+
+    def _backlog(self, channel: Channel) -> None:
+        """Many points logged since the last spooling: spool now, so that unsent points wait
+        on disk; beyond ``QUEUE_MAX`` the call waits for the disk (memory stays bounded)."""
+        self._worker.kick()
+        deadline = time.monotonic() + self._timeout
+        while len(channel.queue) > QUEUE_MAX and channel.spool_ok and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    # Logging -------------------------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if step is None:
+            step = 0
+        elif type(step) is not int or not 0 <= step <= MAX_STEP:
+            step = check_step(step)
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"metrics must be a mapping of key -> number, got {metrics!r}")
+        ts = time.time_ns() // 1_000_000
+        good = _GOOD_KEYS
+        points = []
+        for key, value in metrics.items():
+            if key not in good:
+                check_key(key, "metric")
+            if type(value) is not float:
+                value = to_float(key, value)
+            points.append((key, value, ts, step))
+        channel = self._channel if not (self._forked or self._ended) else self._slow_path()
+        channel.queue.extend(points)
+        if len(channel.queue) > QUEUE_KICK:
+            self._backlog(channel)
+
+    def log_metric(self, key: str, value: Any, step: int | None = None) -> None:
+        self.log_metrics({key: value}, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (nested mappings flattened with ``.``); a changed value is an error."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a mapping, got {params!r}")
+        prepared: dict[str, str] = {}
+        for key, value in flatten(params).items():
+            check_key(key, "param")
+            text = storable("param", key, "{}" if isinstance(value, Mapping) else str(value))
+            prepared[key] = _cut("param", key, redact(key, text), MAX_PARAM_VALUE)
+        with self._lock:
+            for key, text in prepared.items():
+                old = self._params.get(key)
+                if old is not None and old != text:
+                    raise ParamConflictError(
+                        f"param {key!r} of run {self.run_id} is already {old!r}; it cannot "
+                        f"become {text!r} (MLflow params never change). Log the new value "
+                        "under another key, or as a metric or tag",
+                        key=key,
+                        old=old,
+                        new=text,
+                        run_id=self.run_id,
+                    )
+            new = {k: v for k, v in prepared.items() if self._params.get(k) != v}
+            self._params.update(new)
+        if new:
+            channel = self._channel if not (self._forked or self._ended) else self._slow_path()
+            channel.queue.append(("p", new))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not isinstance(tags, Mapping):
+            raise TypeError(f"tags must be a mapping, got {tags!r}")
+        prepared: dict[str, str] = {}
+        for key, value in tags.items():
+            check_key(key, "tag")
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            text = storable("tag", key, text)
+            prepared[key] = _cut("tag", key, redact(key, text), MAX_TAG_VALUE)
+        if prepared:
+            channel = self._channel if not (self._forked or self._ended) else self._slow_path()
+            channel.queue.append(("g", prepared))
+
+    def log_artifact(
+        self, local_path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        """Upload a file in the background; keep it in place until ``flush`` returns."""
+        path = Path(local_path).absolute()
+        if not path.is_file():
+            problem = "is a directory (use log_artifacts)" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"artifact {str(local_path)!r} {problem}")
+        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"))
+
+    def log_artifacts(
+        self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        """Upload a directory tree in the background; keep it in place until ``flush`` returns."""
+        path = Path(local_dir).absolute()
+        if not path.is_dir():
+            raise FileNotFoundError(f"artifact directory {str(local_dir)!r} does not exist")
+        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"), is_dir=True)
+
+    def log_dict(self, obj: Any, file_name: str) -> None:
+        """Save ``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) in the run's artifacts."""
+        name = artifact_dir(file_name, "file_name")
+        if name is None or not name.lower().endswith((".json", ".yaml", ".yml")):
+            raise ValueError(f"file_name {file_name!r} must end in .json, .yaml or .yml")
+        folder, _, base = name.rpartition("/")
+        try:
+            if base.lower().endswith(".json"):
+                text = json.dumps(obj, indent=2)
+            else:
+                import yaml
+
+                text = yaml.safe_dump(obj, default_flow_style=False, sort_keys=False)
+        except Exception as exc:  # json: TypeError/ValueError, yaml: RepresenterError
+            raise TypeError(f"log_dict({file_name!r}): cannot serialise the object: {exc}") from exc
+        # Written now, under the spool dir, so it survives until uploaded (also by `sync`).
+        try:
+            blob_dir = self.spool_dir / BLOB_DIR / secrets.token_hex(8)
+            blob_dir.mkdir(parents=True, mode=0o700)
+        except OSError:
+            blob_dir = Path(tempfile.mkdtemp(prefix="trainkit-blob-"))
+        blob = blob_dir / base
+        blob.write_text(text, encoding="utf-8")
+        self._enqueue_artifact(str(blob), folder or None, tmp=True)
+
+    def _enqueue_artifact(
+        self, src: str, dst: str | None, *, is_dir: bool = False, tmp: bool = False
+    ) -> None:
+        # tmp: a file the SDK wrote itself (log_dict), deleted once uploaded.
+        record = {"t": "a", "src": src, "dst": dst, "dir": is_dir, "tmp": tmp}
+        channel = self._channel if not (self._forked or self._ended) else self._slow_path()
+        channel.queue.append(record)
+        self._worker.kick()
+
+    # Lifecycle -----------------------------------------------------------------
+
+    def flush(
+        self, timeout: float | None = None, *, ending: bool = False, spooled_only: bool = False
+    ) -> bool:
+        """Wait until everything logged so far is stored; False on timeout or a refused record.
+
+        Nothing is dropped on a timeout: the rest stays queued and spooled.
+        """
+        channel = self._channel if not self._forked else self._slow_path()
+        barrier = Barrier()
+        channel.queue.append(barrier)
+        self._worker.register(channel)
+        self._worker.kick()
+        if spooled_only:  # on disk (or in memory, when the spool is not writable) is enough
+            return barrier.spooled.wait(timeout)
+        return self._worker.wait(channel, barrier, timeout, ending=ending)
+
+    def end(self, status: str | None = "FINISHED", timeout: float | None = None) -> bool:
+        """Terminate the run with ``status`` after all its data, stop the heartbeat, flush.
+
+        ``status=None`` (a joined run, ended by its owner) only flushes. The termination is
+        spooled like the data, so `sync` finishes the run later if the store is down now.
+        Idempotent: a second call only flushes.
+        """
+        self.end_nowait(status)
+        return self.flush(timeout, ending=True)
+
+    def end_nowait(
+        self, status: str | None, *, override: bool = False, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """Queue the termination (after everything logged so far) without waiting.
+
+        ``override``: the run was already ended, but the process is dying of an interrupt
+        while it waited: a second end record with this status goes after the first.
+        ``tags`` (e.g. ``code.interrupted``) are sent just before the end.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)} or None, got {status!r}")
+        channel = self._channel if not self._forked else self._slow_path()
+        with self._lock:
+            first, self._ended = not self._ended, True
+        if first or override:
+            channel.heartbeat_on = False
+            if tags:
+                channel.queue.append(("g", dict(tags)))
+            if status is not None:
+                channel.queue.append({"t": "e", "status": status, "end": _now_ms()})
+            channel.ended = True
+            self._worker.register(channel)
+            self._worker.kick()
+
+
+def _after_fork_in_child() -> None:
+    # The child has no worker thread and must not write into the parent's spool file.
+    for logger in list(_LIVE):
+        logger._forked = True
+
+
+def _flush_at_child_exit(logger: RunLogger) -> None:
+    """Send a forked child's points when it ends, although it leaves with ``os._exit``.
+
+    multiprocessing children (Pool workers, DataLoader workers) run multiprocessing's
+    finalizers before ``os._exit``: ours flushes there. Without multiprocessing, atexit
+    covers a child that returns normally; one that calls ``os._exit`` itself must call
+    ``run.flush()`` first (docs/logging.md).
+    """
+    import multiprocessing
+    import multiprocessing.util
+
+    if "PoolWorker" in multiprocessing.current_process().name:
+        warn(
+            f"a multiprocessing Pool worker logs into run {logger.run_id}: call run.flush() "
+            "at the end of each task, since Pool.terminate() (what `with Pool()` does on "
+            "exit) kills workers with what they have not flushed; pool.close() and "
+            "pool.join() lose nothing"
+        )
+
+    def final() -> None:
+        # First onto disk, with SIGTERM held back: Pool.terminate() signals workers that
+        # are still in this finalizer, and what reached the spool survives the signal.
+        blocked = hasattr(signal, "pthread_sigmask")
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            logger.flush(logger._timeout, spooled_only=True)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if not logger.flush(logger._timeout, ending=True):
+            log.warning(
+                "a forked child of run %s could not store everything before it ended; the "
+                "rest is in the spool: send it with `trainkit-tracking sync`",
+                logger.run_id,
+            )
+
+    multiprocessing.util.Finalize(logger, final, exitpriority=100)
+    import atexit
+
+    atexit.register(final)
+
+
+hooks.on_fork(_after_fork_in_child)

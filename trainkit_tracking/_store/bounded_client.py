@@ -1,0 +1,264 @@
+"""The one door to the store: every call bounded by a deadline (MLflow's own HTTP retries
+inside it), transient errors retried, http stores probed, errors classified once.
+
+Knows nothing of MLflow's API: ``_store.Store`` makes the client and the calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+from urllib.parse import urlsplit
+
+from trainkit_tracking._core.redact import get_logger, redact_value
+from trainkit_tracking._process import bounded as _timeout
+from trainkit_tracking._process.file_lock import try_lock
+from trainkit_tracking.errors import StoreUnavailableError
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+DEFAULT_TIMEOUT = 30.0
+# A refused connection is retried this long (a server restarting), then reported.
+REFUSED_GRACE = 3.0
+# Creating a fresh sqlite schema takes ~6 s; processes queue for it behind a lock.
+SQLITE_INIT_TIMEOUT = 300.0
+_TRANSIENT_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+)
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "connection",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "max retries",
+    "too many requests",
+    "service unavailable",
+    "bad gateway",
+)
+# Azure's SDK errors that mean "the network or service did not answer" (azure.core.exceptions).
+_AZURE_TRANSIENT = frozenset(
+    {"ServiceRequestError", "ServiceResponseError", "ServiceRequestTimeoutError"}
+)
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The MLflow error code of ``exc`` (e.g. ``RESOURCE_ALREADY_EXISTS``), if it has one."""
+    code = getattr(exc, "error_code", None)
+    return code if isinstance(code, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the call that raised ``exc`` may succeed (store busy, down or slow).
+
+    Everything else is a permanent refusal (a bad or conflicting value, a missing run, a
+    value the database cannot encode): retrying it would block what comes after it.
+    """
+    if isinstance(exc, StoreUnavailableError):
+        return True
+    if isinstance(exc, (UnicodeError, ValueError, TypeError)) and error_code(exc) is None:
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return True
+    if {cls.__name__ for cls in type(exc).__mro__} & _AZURE_TRANSIENT:
+        return True
+    code = error_code(exc)
+    if code in _TRANSIENT_CODES:
+        return True
+    if code is not None and code != "INTERNAL_ERROR":
+        return False
+    # INTERNAL_ERROR (or no code): a database that is locked or gone is worth a retry; a
+    # value it cannot encode ("surrogates not allowed") is not.
+    text = str(exc).lower()
+    return any(fragment in text for fragment in _TRANSIENT_TEXT)
+
+
+def is_already_exists(exc: BaseException) -> bool:
+    return error_code(exc) == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other schemes and in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _http_address(uri: str) -> tuple[str, int] | None:
+    """(host, port) to probe for an http(s) store reached directly (not through a proxy)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname
+    import urllib.request  # deferred: it imports http.client, and imports must stay cheap
+
+    proxies = urllib.request.getproxies()
+    if proxies.get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return None  # the proxy is what answers; MLflow's own call will tell
+    return host, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def probe(uri: str, timeout: float) -> None:
+    """Open a TCP connection to an http(s) store; raises OSError when nothing listens."""
+    address = _http_address(uri)
+    if address is not None:
+        with socket.create_connection(address, timeout=max(timeout, 0.01)):
+            pass
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(db: Path, deadline: float) -> Iterator[None]:
+    """Serialise the first opening (schema creation and migrations) of a sqlite store.
+
+    MLflow creates and migrates the schema when it opens the database; two processes doing
+    it at once corrupt a fresh file for good (``table _alembic_tmp_tags already exists``).
+    The lock file sits beside the database; the kernel releases it if its holder dies.
+    """
+
+    try:
+        fd = os.open(db.with_name(db.name + ".trainkit-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # no such or a read-only directory: MLflow will say so itself
+        log.debug("no lock beside %s (%s); opening it unlocked", db, exc)
+        yield
+        return
+    try:
+        while not try_lock(fd):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"another process holds {db}.trainkit-lock")
+            time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class BoundedClient(abc.ABC, Generic[C]):
+    """A client of one store, every call through ``_call``: bounded, retried and classified."""
+
+    def __init__(
+        self, tracking_uri: str, *, timeout: float = DEFAULT_TIMEOUT, retries: bool = True
+    ) -> None:
+        """``timeout``: the most any call waits in total, retries included. ``retries=False``
+        (the logging sender, which has its own backoff) makes one bounded try per call."""
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.tracking_uri = tracking_uri
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.shown_uri = redact_value(tracking_uri)
+        self._client: C | None = None
+        self._client_lock = threading.Lock()
+        self._reachable = _http_address(tracking_uri) is None  # only http(s) stores are probed
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.shown_uri!r})"
+
+    def _unavailable(self, what: str, waited: float, reason: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"the tracking store {self.shown_uri} did not answer {what} within {waited:.1f} s "
+            f"({redact_value(reason)}); check that it is running and reachable (`trainkit-"
+            "tracking doctor` tells), or raise Tracker(timeout=...) / TRAINKIT_TIMEOUT",
+            uri=self.shown_uri,
+            operation=what,
+            waited=round(waited, 3),
+        )
+
+    def _probe(self, what: str, started: float, deadline: float) -> None:
+        """Fail fast where nothing listens: a refused port or an unknown host."""
+        if _http_address(self.tracking_uri) is None:
+            return
+        refused_since: float | None = None
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                probe(self.tracking_uri, min(remaining, 5.0))
+                self._reachable = True
+                return
+            except socket.gaierror as exc:  # unknown host: waiting will not help
+                raise self._unavailable(what, time.monotonic() - started, str(exc)) from exc
+            except OSError as exc:
+                now = time.monotonic()
+                if isinstance(exc, ConnectionRefusedError):
+                    refused_since = now if refused_since is None else refused_since
+                    if now - refused_since >= REFUSED_GRACE:
+                        raise self._unavailable(what, now - started, "connection refused") from exc
+                if now + delay >= deadline:
+                    raise self._unavailable(
+                        what, now - started, str(exc) or type(exc).__name__
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _call(self, call: Callable[[], T], *, what: str, timeout: float | None = None) -> T:
+        """The one door to MLflow: ``call`` bounded by the deadline, transient errors retried.
+
+        MLflow's own HTTP retries run inside the bounded call, so they end at the deadline
+        too. A permanent error is raised at once, as MLflow raised it.
+        """
+        client = self.client  # opened outside the deadline (see the property)
+        assert client is not None
+        started = time.monotonic()
+        deadline = started + (self.timeout if timeout is None else timeout)
+        delay = 0.05
+        while True:
+            # The background sender (retries=False) checks before every call: MLflow's own
+            # retries of a refused connection would otherwise hold it for the whole bound.
+            if not self._reachable or not self.retries:
+                self._probe(what, started, deadline)
+            remaining = deadline - time.monotonic()
+            try:
+                return _timeout.bounded(call, timeout=remaining, what=what)
+            except _timeout.Abandoned as exc:
+                self._reachable = _http_address(self.tracking_uri) is None
+                raise self._unavailable(what, time.monotonic() - started, "no answer") from exc
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._reachable = _http_address(self.tracking_uri) is None
+                waited = time.monotonic() - started
+                if not self.retries or time.monotonic() + delay >= deadline:
+                    raise self._unavailable(what, waited, str(exc)) from exc
+                log.debug("retrying %s after a transient error: %s", what, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @abc.abstractmethod
+    def _open_client(self) -> C:
+        """The client of ``tracking_uri``; the only place where it is made."""
+
+    @property
+    def client(self) -> C:
+        """The client, opened once; a sqlite store is opened under a lock file.
+
+        Opening imports mlflow (seconds on a loaded machine) and, for sqlite, checks or
+        creates the schema: it happens before a call's deadline starts, since it does not
+        wait on the network (MlflowClient does not contact an http store until called).
+        """
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    db = sqlite_path(self.tracking_uri)
+                    if db is None:
+                        self._client = self._open_client()
+                    else:
+                        # Opening the store creates/migrates the schema.
+                        deadline = time.monotonic() + max(self.timeout, SQLITE_INIT_TIMEOUT)
+                        with _sqlite_init_lock(db, deadline):
+                            self._client = self._open_client()
+        return self._client
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a file on this machine (sqlite, or MLflow's file store)."""
+        return self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
