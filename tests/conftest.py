@@ -68,9 +68,10 @@ def pytest_configure(config: pytest.Config) -> None:
     mp.setenv("PYTHONPATH", f"{NETGUARD_DIR}{os.pathsep}{old}" if old else str(NETGUARD_DIR))
     mp.setenv(netguard.ENV_VAR, "1")
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    # Each process sends its own spool, and `sync` what dead ones left, as in 0.1: a sender
-    # process per test store would cost ~2 s of CPU each. tests/test_sender.py runs the
-    # default (a sender process); TRAINKIT_SENDER=process runs any test file that way.
+    # A sender process per test store costs ~2 s of CPU (importing mlflow): most tests send
+    # from a thread. The journal's own tests (logging, failures, integrity: marked
+    # `default_sender`) run the default users get, a sender process; TRAINKIT_SENDER=process
+    # runs every test file that way.
     mp.setenv("TRAINKIT_SENDER", os.environ.get("TRAINKIT_SENDER") or "thread")
     mp.setenv("TRAINKIT_SENDER_LINGER", os.environ.get("TRAINKIT_SENDER_LINGER") or "30")
     # Hugging Face reads this when it is imported, at collection: set it before any test
@@ -114,6 +115,13 @@ def _session_spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield spool
 
 
+@pytest.fixture(autouse=True)
+def _default_sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked `default_sender` run with the sender users get: a process of its own."""
+    if request.node.get_closest_marker("default_sender") is not None:
+        monkeypatch.setenv("TRAINKIT_SENDER", "process")
+
+
 @pytest.fixture
 def closed_port() -> int:
     """A port nothing listens on: a store that refuses connections."""
@@ -134,11 +142,16 @@ def silent_port() -> Iterator[int]:
 
 @pytest.fixture
 def trainkit_store(
-    trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPatch, pytestconfig: pytest.Config
+    trainkit_store: TrainkitStore,
+    monkeypatch: pytest.MonkeyPatch,
+    pytestconfig: pytest.Config,
+    request: pytest.FixtureRequest,
 ) -> TrainkitStore:
     """The plugin's store, with the suite's switches set again (it clears every TRAINKIT_*)."""
     for name, value in pytestconfig.stash[_SWITCHES].items():
         monkeypatch.setenv(name, value)
+    if request.node.get_closest_marker("default_sender") is not None:
+        monkeypatch.setenv("TRAINKIT_SENDER", "process")
     return trainkit_store
 
 

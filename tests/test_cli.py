@@ -590,9 +590,11 @@ def test_sync_sends_a_dead_process_spool_exactly_once(trainkit_store: TrainkitSt
     assert len(client.get_metric_history(run_id, "loss")) == 2
 
 
-def test_sync_reports_records_the_store_refuses(trainkit_store: TrainkitStore) -> None:
+def test_sync_sets_aside_records_the_store_refuses(trainkit_store: TrainkitStore) -> None:
     spool = write_dead_spool(trainkit_store, "0" * 32)  # a run the store does not have
     result = invoke("sync", "--spool-dir", str(spool))
     assert result.exit_code == 1, result.output
-    assert "error: run 00000000000000000000000000000000" in result.stdout
-    assert pending(spool) == 2
+    assert "set aside" in result.stdout and "run 00000000000000000000000000000000" in result.stdout
+    assert pending(spool) == 0  # settled: they hold back nothing
+    doctor = invoke("doctor", "--spool-dir", str(spool))
+    assert "set aside in run 00000000000000000000000000000000" in doctor.stdout

@@ -20,7 +20,7 @@ from trainkit_tracking._journal.run_logger import RunLogger, pending, sync
 from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.default_sender]  # the sender users get
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import statistics
+import tempfile
 import threading
 import time
 import warnings
@@ -21,10 +22,14 @@ import torch
 import yaml
 
 from trainkit_tracking import ParamConflictError, TrackingWarning
+from trainkit_tracking._journal.ledger import read_set_aside
 from trainkit_tracking._journal.run_logger import RunLogger, default_spool_dir, pending
 from trainkit_tracking._journal.spool import MAX_BATCH_BYTES, read_spool, spool_paths
 from trainkit_tracking._store.store import Store
 from trainkit_tracking.testing import MlflowServer, TrainkitStore
+
+# The journal's own tests run the sender users get: a process of its own.
+pytestmark = pytest.mark.default_sender
 
 
 @pytest.fixture
@@ -386,41 +391,47 @@ def test_artifact_call_site_errors(store: Store, spool: Path, tmp_path: Path) ->
     assert logger.end()
 
 
-def test_artifact_deleted_before_upload_is_refused_not_retried(
+def test_artifact_deleted_right_after_the_call_is_still_uploaded(
     store: Store, spool: Path, tmp_path: Path
 ) -> None:
     logger = new_logger(store, spool, flush_interval=30.0)
-    file = tmp_path / "gone.txt"
-    file.write_text("x")
-    logger.log_artifact(file)
-    file.unlink()  # before the worker got to it: documented as the caller's mistake
-    with pytest.warns(TrackingWarning, match="refused an artifact"):
-        start = time.monotonic()
-        assert logger.end(timeout=30) is False
-    assert time.monotonic() - start < 10
+    with tempfile.TemporaryDirectory() as scratch:  # gone as soon as the block ends
+        file = Path(scratch) / "report.txt"
+        file.write_text("as logged")
+        logger.log_artifact(file)
+    rewritten = tmp_path / "plot.txt"
+    rewritten.write_text("epoch 1")
+    logger.log_artifact(rewritten, "epoch1")
+    rewritten.write_text("epoch 2")  # rewritten in place before the upload
+    assert logger.end(timeout=30)
     assert store.get_run(logger.run_id).status == "FINISHED"
-    assert pending(spool) == 1  # the artifact record, kept for `sync`
+    local = store.client.download_artifacts(logger.run_id, "", str(tmp_path / "down"))
+    assert (Path(local) / "report.txt").read_text() == "as logged"
+    assert (Path(local) / "epoch1" / "plot.txt").read_text() == "epoch 1"
+    assert pending(spool) == 0 and not list((spool / "blobs").rglob("*.txt"))
 
 
 # --- store failures -----------------------------------------------------------------
 
 
-def test_deleted_run_is_refused_kept_in_the_spool_and_not_retried_hot(
-    store: Store, spool: Path
-) -> None:
+def test_deleted_run_is_set_aside_once_and_holds_back_nothing(store: Store, spool: Path) -> None:
     logger = new_logger(store, spool)
+    other = new_logger(store, spool)
     logger.log_metric("m", 1.0)
     assert logger.flush(30)
     store.client.delete_run(logger.run_id)
     logger.log_metric("m", 2.0, step=1)
     logger.log_params({"p": 1})
-    with pytest.warns(TrackingWarning, match=f"refused a batch of run {logger.run_id}"):
+    other.log_metric("m", 1.0)
+    with pytest.warns(TrackingWarning, match=f"set aside .* of run {logger.run_id}"):
         start = time.monotonic()
         assert logger.end(timeout=30) is False
     assert time.monotonic() - start < 10
-    assert pending(spool) == 2  # the batch and the end
-    (path,) = spool_paths(spool)
-    assert logger.run_id in path.name
+    assert other.end(timeout=30)  # the other run is stored
+    assert history(store, other.run_id, "m") == [(0, 1.0)]
+    assert pending(spool) == 0  # settled: the batch and the end are in the set-aside log
+    assert {e["run"] for e in read_set_aside(spool)} == {logger.run_id}
+    assert len(read_set_aside(spool)) == 2
 
 
 def test_unwritable_spool_warns_once_and_logging_goes_on(store: Store, tmp_path: Path) -> None:
@@ -440,14 +451,13 @@ def test_unwritable_spool_warns_once_and_logging_goes_on(store: Store, tmp_path:
     assert store.client.list_artifacts(logger.run_id)[0].path == "d.json"
 
 
-def test_unopenable_store_is_refused_quickly(spool: Path, tmp_path: Path) -> None:
+def test_unknown_run_is_set_aside_quickly(spool: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/no/such/dir/mlflow.db"
     logger = RunLogger(uri, "0" * 32, spool_dir=spool, heartbeat_interval=0)
     logger.log_metric("m", 1.0)
-    with pytest.warns(TrackingWarning, match="refused"):
+    with pytest.warns(TrackingWarning, match="set aside"):
         assert logger.end(timeout=60) is False
-    assert pending(spool) == 2
-    assert os.path.exists(spool_paths(spool)[0])
+    assert pending(spool) == 0 and len(read_set_aside(spool)) == 2
 
 
 @pytest.mark.server

@@ -264,8 +264,13 @@ def tree(
 # sync -----------------------------------------------------------------------------
 
 
-@cli.command(short_help="Send spooled records that ended processes left behind.")
+@cli.command(short_help="Store what the journal holds, now, with a progress bar.")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.option(
+    "--retry-set-aside",
+    is_flag=True,
+    help="Also send again what was set aside (after restoring a deleted run, say).",
+)
 @click.option(
     "--spool-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -281,16 +286,17 @@ def tree(
 @_timeout_option
 def sync(
     dry_run: bool,
+    retry_set_aside: bool,
     spool_dir: Path | None,
     tracking_uri: str | None,
     experiment: str | None,
     timeout: float,
 ) -> None:
-    """Send what ended processes left in the spool, exactly once, with a progress bar.
+    """Store everything the journal holds, exactly once, with a progress bar.
 
-    Records go to the store recorded with them; files of live processes are skipped.
-    Exits 1 when some records could not be stored (yet) or artifacts were dropped; items
-    the store refused for good are listed and never sent again.
+    For each store: send it here, or wake the store's sender when one runs, and return
+    once every entry is stored or set aside, or once the store has not answered for
+    --timeout. Exits 1 when something is left (the store did not answer) or was set aside.
     """
     from trainkit_tracking._cli.ops import sync_lines
     from trainkit_tracking._journal.run_logger import default_spool_dir
@@ -316,13 +322,14 @@ def sync(
             dry_run=dry_run,
             progress=progress,
             timeout=timeout,
+            retry_set_aside=retry_set_aside,
         )
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     for line in sync_lines(report, directory):
         click.echo(one_line(line))
-    if report.errors or report.dropped:
+    if report.errors or report.dropped or report.refused:
         sys.exit(EXIT_PROBLEM)
 
 

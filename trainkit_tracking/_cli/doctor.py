@@ -189,35 +189,54 @@ def _check_offline(environ: Mapping[str, str], timeout: float, report: Report) -
 
 
 def _check_spool(spool_dir: Path | None, report: Report) -> None:
+    from trainkit_tracking._journal.ledger import read_set_aside
     from trainkit_tracking._journal.run_logger import default_spool_dir, pending
+    from trainkit_tracking._journal.sender_launch import senders
 
     directory = spool_dir or default_spool_dir()
     try:
         count = pending(directory)
+        aside = read_set_aside(directory)
     except Exception as exc:
         report.add("spool", f"{directory} (unreadable)")
         report.problems.append(f"the spool {directory} cannot be read: {describe(exc)}")
         return
     report.add("spool", f"{count} pending record{'s' * (count != 1)} in {directory}")
-    from trainkit_tracking._journal.sender_launch import senders
-
     running = senders(directory)
     report.add(
         "senders",
         "; ".join(
-            f"pid {s.get('pid', '?')} sending to {s.get('uri', '?')}"
+            f"pid {s.get('pid', '?')} ({s.get('mode', 'process')}) sending to {s.get('uri', '?')}"
+            + f", {s.get('files', 0)} file(s)"
             + (" (the store does not answer; retrying)" if s.get("down") else "")
             for s in running
         )
         or "none running",
     )
+    if aside:
+        runs: dict[str, list[str]] = {}
+        for entry in aside:
+            runs.setdefault(str(entry.get("run")), []).append(
+                f"{entry.get('what')} ({entry.get('origin')}: {entry.get('why')})"
+            )
+        report.add(
+            "set aside",
+            f"{len(aside)} record{'s' * (len(aside) != 1)} of {len(runs)} run(s)",
+        )
+        for run_id, items in runs.items():
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            report.warnings.append(
+                f"set aside in run {run_id}: " + "; ".join(items[:3]) + more + ". Fix the cause, "
+                "then `trainkit-tracking sync --retry-set-aside`"
+            )
     if count:
         report.warnings.append(
             f"{count} spooled record{'s are' if count != 1 else ' is'} not stored yet: "
             + (
-                "a sender process sends them once the store answers"
+                "a sender sends them once the store answers (`trainkit-tracking sync` asks it "
+                "to retry now)"
                 if running
-                else "for processes that ended, run `trainkit-tracking sync`"
+                else "`trainkit-tracking sync` sends them"
             )
         )
 

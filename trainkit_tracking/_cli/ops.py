@@ -164,9 +164,9 @@ def reap_lines(report: ReapReport) -> list[str]:
 
 
 def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
-    """What ``sync`` sent (or would send), what it left alone and what went wrong."""
+    """What ``sync`` stored (or would), what it set aside and what is left."""
     verb = "would send" if report.dry_run else "sent"
-    if not report.files and not report.busy and not report.sending:
+    if not report.files and not report.sending and not report.retried:
         lines = [f"nothing to send: no spool files in {spool_dir}"]
     else:
         lines = [
@@ -175,22 +175,23 @@ def sync_lines(report: SyncReport, spool_dir: Path) -> list[str]:
             f"{plural(report.tags, 'tag')}, {plural(report.artifacts, 'artifact')}, "
             f"{plural(report.terminated, 'run end')}"
         ]
-    if report.busy:
-        lines.append(
-            f"skipped {plural(report.busy, 'file')} in use by a live process or another sync"
-        )
     if report.sending:
         lines.append(
-            f"skipped {plural(report.sending, 'file')} that a sender process (or another "
-            "sync) is sending: `trainkit-tracking doctor` lists the senders; they store "
-            "them once the store answers"
+            f"{plural(report.sending, 'file')} had a live sender: woken, it stored "
+            f"{plural(report.watched, 'record')} while sync watched"
         )
+    if report.retried:
+        lines.append(f"stored {plural(report.retried, 'set-aside record')} on a new try")
     if report.other_store:
         lines.append(f"skipped {plural(report.other_store, 'file')} of other tracking stores")
     if report.other_experiment:
         lines.append(f"skipped {plural(report.other_experiment, 'run')} of other experiments")
     lines += [f"warning: dropped {d}" for d in report.dropped]
-    lines += [f"warning: refused for good (never sent again): {r}" for r in report.refused]
+    lines += [
+        f"warning: set aside (see `trainkit-tracking doctor`; `sync --retry-set-aside` tries "
+        f"again): {r}"
+        for r in report.refused
+    ]
     lines += [f"error: {e}" for e in report.errors]
     if report.pending:
         lines.append(f"{plural(report.pending, 'record')} still pending")

@@ -236,3 +236,31 @@ def warn(message: str) -> None:
         warnings.warn(message, TrackingWarning, stacklevel=2)
     except Exception:  # a filter set to "error" in a thread nobody catches for
         _log.warning("%s", message)
+
+
+def scrub_chain(exc: BaseException) -> BaseException:
+    """Mask credentials in the text of ``exc`` and of every exception chained to it
+    (``__cause__``, ``__context__``), in place, keeping their types; returns ``exc``.
+
+    What the SDK raises to the user passes through here: a message it wrote is masked
+    already, but an exception of MLflow's chained under it may quote a URI with its
+    password, and ``traceback.format_exception()`` prints the whole chain.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        try:
+            text = str(current)
+        except Exception:  # an exception whose str() fails: leave its args alone
+            text = ""
+        masked = redact_value(text)
+        if masked != text:
+            current.args = (masked,)
+            if isinstance(getattr(current, "message", None), str):
+                current.message = masked  # type: ignore[attr-defined]  # MlflowException
+        todo += [current.__cause__, current.__context__]
+    return exc

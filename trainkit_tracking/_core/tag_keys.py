@@ -74,6 +74,8 @@ _DEFAULT_KEYS: dict[str, str] = {
     # Run state.
     "interrupted": "code.interrupted",
     "heartbeat": "code.heartbeat",
+    # A token set at creation: a retried or late create_run finds the run it made.
+    "create_token": "code.create_token",
     # The identity fields of the RunSpec as JSON (set by the Tracker at creation), so a
     # joined run rebuilds exactly the spec it was created with.
     "run_spec": "code.run_spec",

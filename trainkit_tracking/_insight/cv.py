@@ -59,7 +59,7 @@ class SummarisedRun(Protocol):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
-    def flush(self, timeout: float | None = None) -> bool: ...
+    def _wait_stored(self, timeout: float | None) -> bool: ...
 
 
 # Reading the store --------------------------------------------------------------------
@@ -231,7 +231,7 @@ def log_leaderboard(run: SummarisedRun, store: Store, keys: TagKeys, timeout: fl
     stored (left in place for ``sync`` when the upload is not done within ``timeout``).
     """
     # Tags set on the sweep so far (best trial, study metric) must be in the store first.
-    run.flush(timeout)
+    run._wait_stored(timeout)
     board = bounded(
         lambda: read_leaderboard(store, run.id, keys),
         timeout=timeout,
@@ -256,7 +256,7 @@ def log_leaderboard(run: SummarisedRun, store: Store, keys: TagKeys, timeout: fl
             log.warning("sweep %s: %s not drawn: %s", run.id, LEADERBOARD_PNG, exc)
     for path in written:
         run.log_artifact(str(path))
-    if run.flush(timeout):
+    if run._wait_stored(timeout):
         shutil.rmtree(directory, ignore_errors=True)
     return [p.name for p in written]
 

@@ -1,7 +1,10 @@
-"""One run's transport in one process: its call-site queue, its spool writer, what is unsettled.
+"""One run's journal in one process: its call-site queue, its journal file, what is not
+settled yet, and the flushes waiting for it.
 
-``flush`` puts a Barrier in the queue; it is set once every record before it is settled
-(stored, or refused), by the sender's marks or by the in-memory sender.
+``flush`` puts a Barrier in the queue. It is released once every entry before it is
+settled (stored, or set aside), as the file's ``Ledger`` says (or the in-memory sender,
+when no journal file can be written); it is ``ok`` unless an entry it covers, logged since
+the flush before it, was set aside.
 """
 
 from __future__ import annotations
@@ -16,25 +19,20 @@ from typing import Any
 
 from trainkit_tracking._core import env as _env
 from trainkit_tracking._core.redact import get_logger, redact_value, warn
+from trainkit_tracking._journal.ledger import Ledger, Record, Settled
 from trainkit_tracking._journal.sender import DEFAULT_LINGER
-from trainkit_tracking._journal.spool import (
-    Point,
-    Record,
-    SpoolWriter,
-    ack_path,
-    make_batches,
-    read_lines,
-)
+from trainkit_tracking._journal.spool import JournalLost, Point, SpoolWriter, make_batches
 from trainkit_tracking.errors import TrackingError
 
 log = get_logger(__name__)
 
 _UNWRITABLE: set[Path] = set()  # spool dirs already warned about
 
-
 # Unsent points held in memory when the spool cannot be written (about 150 B each): beyond
 # this, new points are dropped with a warning (TRAINKIT_MAX_MEMORY_MB, default 64).
 POINT_BYTES = 150
+# Set-aside warnings of one run: the first few are warnings, the rest go to the log.
+WARN_ASIDE = 5
 
 
 def read_settings(environ: Mapping[str, str]) -> tuple[str, float, int]:
@@ -52,22 +50,25 @@ def read_settings(environ: Mapping[str, str]) -> tuple[str, float, int]:
 
 class Barrier:
     """Put in a run's queue by ``flush``: ``spooled`` once on disk, ``event`` once every
-    record before it (``upto``) is settled."""
+    entry before it (up to ``upto``) is settled; ``ok`` unless one after ``since`` was set
+    aside."""
 
-    __slots__ = ("event", "ok", "spooled", "upto")
+    __slots__ = ("covers", "event", "ok", "since", "spooled", "upto")
 
-    def __init__(self) -> None:
+    def __init__(self, *, covers: bool = True) -> None:
+        self.covers = covers  # False: the SDK's own wait, the next flush reports set-asides
         self.event = threading.Event()
         self.spooled = threading.Event()
         self.ok = False
+        self.since = 0
         self.upto = 0
 
 
 class Channel:
-    """The transport of one run in one process: call-site queue -> spool -> store.
+    """The journal of one run in one process: call-site queue -> journal file -> store.
 
     The queue holds metric points as (key, value, timestamp_ms, step) tuples, ("p", params)
-    and ("g", tags) pairs, artifact and end records (dicts, as spooled), and barriers.
+    and ("g", tags) pairs, artifact and end entries (dicts, as journaled), and barriers.
     """
 
     def __init__(
@@ -98,46 +99,75 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.ended = False
-        self.failed = 0  # records not stored (refused items, or no spool to keep them)
-        self.unsettled: set[int] = set()  # records spooled or in memory, not yet settled
-        self.in_file = 0  # how many of them the spool holds (the sender's marks settle them)
+        self.unsettled: set[int] = set()  # entries journaled or in memory, not yet settled
+        self.in_file = 0  # how many of them the journal file holds (its marks settle them)
+        self.aside: set[int] = set()  # entries set aside (whole, or some of their items)
         self.barriers: list[Barrier] = []
-        self.ack_offset = 0  # of the writer's current segment's ack file
-        self.ack_of: Path | None = None
+        self.ledger: Ledger | None = None  # the marks of the writer's current file
         self.memory_points = 0  # unsent points held in memory (no writable spool)
         self.dropped = 0
+        self.warned_aside = 0
         self.spool_ok = True
         self.writer: SpoolWriter | None = None
         self._seq = 0
+        self._flushed = 0  # the last entry a barrier covered
         self.open_writer()
 
     def open_writer(self) -> None:
         try:
-            mode = read_settings(os.environ)[0]
-            self.writer = SpoolWriter(self.spool_dir, self.tracking_uri, self.run_id, sender=mode)
-        except OSError as exc:
+            self.writer = SpoolWriter(self.spool_dir, self.tracking_uri, self.run_id)
+        except (OSError, TrackingError) as exc:
             self.spool_failed(exc)
 
-    def spool_failed(self, exc: OSError) -> None:
-        """Append no more (logging goes on in memory), with one warning per spool dir.
+    def spool_failed(self, exc: BaseException, held: list[Record] | None = None) -> None:
+        """Append no more (logging goes on in memory), with one warning per spool dir
+        saying how many points of the run memory holds now."""
+        if not self.spool_ok:
+            return
+        self.spool_ok = False
+        if self.spool_dir in _UNWRITABLE:
+            log.debug("spool %s of run %s unwritable: %s", self.spool_dir, self.run_id, exc)
+            return
+        _UNWRITABLE.add(self.spool_dir)
+        points = sum(len(r.get("m", ())) for r in held or ())
+        now = f"{points} points of run {self.run_id} are held in memory now, " if held else ""
+        warn(
+            f"cannot write the tracking spool (the journal) in {str(self.spool_dir)!r} "
+            f"({exc}); logging goes on in memory only ({now}at most TRAINKIT_MAX_MEMORY_MB), "
+            "so what is unsent when the process dies is lost. Set TRAINKIT_SPOOL_DIR to a "
+            "writable directory of your own."
+        )
 
-        The writer stays open for marking records done: a record that reached the file
-        and was then stored must not be sent again by ``sync``.
-        """
-        if self.spool_ok:
-            self.spool_ok = False
-            if self.spool_dir in _UNWRITABLE:
-                log.debug("spool %s of run %s unwritable: %s", self.spool_dir, self.run_id, exc)
-            else:
-                _UNWRITABLE.add(self.spool_dir)
-                warn(
-                    f"cannot write the tracking spool in {str(self.spool_dir)!r} ({exc}); "
-                    "logging goes on in memory only, so what is unsent when the process dies "
-                    "is lost. Set TRAINKIT_SPOOL_DIR to a writable directory."
-                )
+    def append(self, records: list[Record]) -> list[Record] | None:
+        """Journal ``records``; else the entries memory must keep instead (with those of a
+        journal deleted under us that cannot be made again). The caller holds the lock."""
+        if not self.spool_ok:
+            return records
+        if self.writer is None or self.writer.closed:
+            self.open_writer()
+        if self.writer is None or not self.spool_ok:
+            return records
+        recovered = self.writer.recovered
+        try:
+            self.writer.append(records)
+        except JournalLost as exc:
+            self.in_file -= len(exc.records)
+            held = exc.records + records
+            self.spool_failed(exc, held)
+            return held
+        except (OSError, TrackingError) as exc:
+            self.spool_failed(exc, records)
+            return records
+        if self.writer.recovered != recovered:
+            warn(
+                f"the tracking journal of run {self.run_id} was deleted from "
+                f"{str(self.spool_dir)!r} while the run logged; it was made again, with the "
+                f"{self.writer.recovered - recovered} entries not yet stored"
+            )
+        return None
 
     def collect(self) -> list[Record | Barrier]:
-        """Drain the queue into numbered records (data, artifacts, end), then the barriers."""
+        """Drain the queue into numbered entries (data, artifacts, end), then the barriers."""
         points: list[Point] = []
         params: dict[str, str] = {}
         tags: dict[str, str] = {}
@@ -162,23 +192,23 @@ class Channel:
             record["n"] = self._seq
         for barrier in barriers:
             assert isinstance(barrier, Barrier)
-            barrier.upto = self._seq
+            barrier.since, barrier.upto = self._flushed, self._seq
+            if barrier.covers:
+                self._flushed = self._seq
         return [*records, *barriers]
 
-    def settle(self, seq: int, *, ok: bool, in_file: bool, kept: bool = False) -> None:
-        """Record ``seq`` as stored (``ok``) or not; release the barriers it held back.
-
-        ``kept``: refused as a whole, so it stays in the spool file (for ``sync``)."""
+    def settle(self, seq: int, *, ok: bool, in_file: bool) -> None:
+        """Entry ``seq`` is stored (``ok``) or (some of it) set aside; release what waited."""
         with self.lock:
             if seq not in self.unsettled:
                 return
             self.unsettled.discard(seq)
             if in_file:
                 self.in_file -= 1
-                if self.writer is not None and not kept:
+                if self.writer is not None:
                     self.writer.settle(seq)
             if not ok:
-                self.failed += 1
+                self.aside.add(seq)
             self.release()
 
     def release(self) -> None:
@@ -187,49 +217,36 @@ class Channel:
         kept = []
         for barrier in self.barriers:
             if low is None or barrier.upto < low:
-                barrier.ok = self.failed == 0
+                barrier.ok = not any(barrier.since < s <= barrier.upto for s in self.aside)
                 barrier.event.set()
             else:
                 kept.append(barrier)
         self.barriers = kept
+        if not self.barriers and self.aside:
+            self.aside = {s for s in self.aside if s > self._flushed}
 
-    def warn_kept(self, what: str, reason: str) -> None:
-        """The store refused a whole record (a deleted run, a file gone): it stays in the
-        spool for ``sync`` once the cause is fixed."""
-        where = (
-            f"it stays in the spool ({self.writer.path}); fix the cause and run "
-            "`trainkit-tracking sync`"
-            if self.writer is not None and self.writer.path is not None
-            else "the spool is not writable, so it is lost"
-        )
-        message = (
-            f"the tracking store refused {what} of run {self.run_id}: "
-            f"{redact_value(reason)}; {where}."
-        )
-        if self.failed == 0:
-            warn(message + " Later failures of this run are only logged.")
-        else:
-            log.warning("%s", message)
-
-    def warn_refused(self, reasons: list[str]) -> None:
-        """Items refused for good (a bad or conflicting value); the rest was stored."""
-        text = "; ".join(redact_value(r) for r in reasons[:5])
-        more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
-        warn(
-            f"the tracking store refused {text}{more} of run {self.run_id}; the rest of "
-            "its data is stored. Fix the value (or log it under another key)."
-        )
-
-    def read_acks(self) -> list[Record]:
-        """The sender's new marks for this process's current segment."""
+    def read_marks(self) -> list[Settled]:
+        """The marks written since the last read, of this process's current file."""
         path = self.writer.path if self.writer is not None else None
         if path is None:
             return []
-        if path != self.ack_of:
-            self.ack_of, self.ack_offset = path, 0
-        marks, self.ack_offset = read_lines(ack_path(path), self.ack_offset)
-        return marks
+        if self.ledger is None or self.ledger.path != path:
+            self.ledger = Ledger(path)
+        return self.ledger.read_new()
 
-
-def what(record: Record) -> str:
-    return {"b": "a batch", "a": "an artifact", "e": "the end"}.get(record["t"], "a record")
+    def warn_aside(self, settled: Settled) -> None:
+        """One warning per set-aside entry (naming the run and what), a few per run."""
+        items = "; ".join(redact_value(w) for w in settled.aside[:5])
+        more = f" (and {len(settled.aside) - 5} more)" if len(settled.aside) > 5 else ""
+        message = (
+            f"trainkit-tracking set aside {items}{more} of run {self.run_id}: it could not be "
+            "stored and holds back nothing else. `trainkit-tracking doctor` lists what was "
+            "set aside; `trainkit-tracking sync --retry-set-aside` tries it again once fixed"
+        )
+        self.warned_aside += 1
+        if self.warned_aside < WARN_ASIDE:
+            warn(message)
+        elif self.warned_aside == WARN_ASIDE:
+            warn(message + f". Later ones of run {self.run_id} are only logged")
+        else:
+            log.warning("%s", message)

@@ -1,13 +1,12 @@
 """The in-process side of one store: heartbeats, and sending what no spool could keep.
 
-The spool's records are sent by the sender (``_sender.py``); this thread sets the runs'
-heartbeat tags, and sends in order, with backoff, only the records of a run whose spool
-directory cannot be written.
+The journal's entries are sent by the store's sender (``sender.py``); this thread sets the
+runs' heartbeat tags, and sends in order, with backoff, only the entries of a run whose
+journal cannot be written.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -15,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from trainkit_tracking._core.redact import get_logger
-from trainkit_tracking._journal.channel import Channel, what
-from trainkit_tracking._journal.spool import Record, send_record
-from trainkit_tracking._store.store import Store, is_transient
+from trainkit_tracking._journal.channel import Channel
+from trainkit_tracking._journal.delivery import StoreDown, deliver
+from trainkit_tracking._journal.ledger import Record, Settled
+from trainkit_tracking._store.store import Store
 
 log = get_logger(__name__)
 
@@ -71,27 +71,25 @@ class Heartbeat:
                 log.exception("trainkit-tracking heartbeat failed")
 
     def _deliver(self, channel: Channel, record: Record) -> None:
+        """An entry no journal keeps: sent from here, in order, with backoff while the store
+        is unreachable; set aside (with its warning) when it cannot be stored."""
         attempt = 0
         while not self._stopped.is_set():
             try:
-                if record["t"] == "a" and not os.path.exists(record["src"]):
-                    raise FileNotFoundError(f"artifact {record['src']!r} no longer exists")
-                refused = send_record(self.store, channel.run_id, record)
-            except Exception as exc:
-                if is_transient(exc) and not isinstance(exc, FileNotFoundError):
-                    attempt += 1
-                    self.down = True
-                    delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
-                    log.debug("store %s unavailable (%s); retry in %.1fs", self.uri, exc, delay)
-                    self._stopped.wait(delay)
-                    continue
-                channel.warn_kept(what(record), str(exc))
-                self._done(channel, record, ok=False)
-                return
+                outcome = deliver(self.store, channel.run_id, record)
+            except StoreDown as exc:
+                attempt += 1
+                self.down = True
+                delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
+                log.debug("store %s unavailable (%s); retry in %.1fs", self.uri, exc, delay)
+                self._stopped.wait(delay)
+                continue
             self.down = self.outage_waited = False
-            if refused:
-                channel.warn_refused(refused)
-            self._done(channel, record, ok=not refused)
+            if outcome.aside:
+                channel.warn_aside(
+                    Settled(record["n"], tuple(f"{a.what} ({a.why})" for a in outcome.aside))
+                )
+            self._done(channel, record, ok=not outcome.aside)
             return
 
     def _done(self, channel: Channel, record: Record, *, ok: bool) -> None:

@@ -1,17 +1,15 @@
 """The run logger of SPEC section 7: validate at the call site, enqueue, never block.
 
 A ``RunLogger`` checks every value where it is logged (the only errors that reach the
-training loop) and appends it to its run's in-memory queue; the process's background
-worker (``_worker.py``) spools and batches it, and the sender (``_sender.py``) sends it.
-"""
+training loop) and queues it; the process's ``worker.py`` journals it and the store's
+``sender.py`` sends it."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
+import shutil
 import signal
-import tempfile
 import threading
 import time
 import weakref
@@ -34,8 +32,9 @@ from trainkit_tracking._core.limits import MAX_TAG_VALUE as MAX_TAG_VALUE
 from trainkit_tracking._core.limits import check_key as check_key
 from trainkit_tracking._core.limits import cut as _cut
 from trainkit_tracking._core.redact import get_logger, redact, redact_value, warn
+from trainkit_tracking._journal import capture
 from trainkit_tracking._journal.channel import Barrier, Channel
-from trainkit_tracking._journal.spool import BLOB_DIR, default_spool_dir
+from trainkit_tracking._journal.spool import default_spool_dir, usable_spool_dir
 from trainkit_tracking._journal.sync import SyncReport, pending, sync
 from trainkit_tracking._journal.worker import Worker, get_worker
 from trainkit_tracking._process import hooks
@@ -79,7 +78,7 @@ class RunLogger:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.spool_dir = Path(spool_dir)
+        self.spool_dir = usable_spool_dir(Path(spool_dir))
         self._flush_interval = float(flush_interval)
         self._heartbeat_interval = float(heartbeat_interval)
         self._heartbeat_tag = heartbeat_tag
@@ -212,28 +211,44 @@ class RunLogger:
     def log_artifact(
         self, local_path: str | os.PathLike[str], artifact_path: str | None = None
     ) -> None:
-        """Upload a file in the background; keep it in place until ``flush`` returns."""
+        """Upload a file in the background, as it is now: it is captured into the journal
+        before this returns, so it may be deleted or rewritten right after."""
         path = Path(local_path).absolute()
         if not path.is_file():
             problem = "is a directory (use log_artifacts)" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"artifact {str(local_path)!r} {problem}")
-        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"))
+        dst = artifact_dir(artifact_path, "artifact_path")
+        try:
+            captured = capture.capture_file(self.spool_dir, path)
+        except OSError as exc:
+            raise OSError(f"artifact {str(local_path)!r} cannot be read: {exc}") from exc
+        self._enqueue_artifact(str(captured), dst, name=path.name)
 
     def log_artifacts(
         self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
     ) -> None:
-        """Upload a directory tree in the background; keep it in place until ``flush`` returns."""
+        """Upload a directory tree in the background, as it is now (captured before this
+        returns)."""
         path = Path(local_dir).absolute()
         if not path.is_dir():
             raise FileNotFoundError(f"artifact directory {str(local_dir)!r} does not exist")
-        self._enqueue_artifact(str(path), artifact_dir(artifact_path, "artifact_path"), is_dir=True)
+        dst = artifact_dir(artifact_path, "artifact_path")
+        try:
+            captured = capture.capture_tree(self.spool_dir, path)
+        except (OSError, shutil.Error) as exc:
+            raise OSError(f"artifact directory {str(local_dir)!r} cannot be read: {exc}") from exc
+        self._enqueue_artifact(str(captured), dst, name=path.name, is_dir=True)
 
     def log_dict(self, obj: Any, file_name: str) -> None:
-        """Save ``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) in the run's artifacts."""
+        """Save ``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) in the run's artifacts.
+
+        Values of secret-looking keys (``hf_token``, ``password``...) are masked, as in
+        ``log_params``."""
         name = artifact_dir(file_name, "file_name")
         if name is None or not name.lower().endswith((".json", ".yaml", ".yml")):
             raise ValueError(f"file_name {file_name!r} must end in .json, .yaml or .yml")
         folder, _, base = name.rpartition("/")
+        obj = capture.masked(obj)
         try:
             if base.lower().endswith(".json"):
                 text = json.dumps(obj, indent=2)
@@ -243,21 +258,31 @@ class RunLogger:
                 text = yaml.safe_dump(obj, default_flow_style=False, sort_keys=False)
         except Exception as exc:  # json: TypeError/ValueError, yaml: RepresenterError
             raise TypeError(f"log_dict({file_name!r}): cannot serialise the object: {exc}") from exc
-        # Written now, under the spool dir, so it survives until uploaded (also by `sync`).
+        self._write_artifact(text, folder or None, base)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Save ``text`` as the file ``artifact_file`` (e.g. ``"notes/readme.md"``) in the
+        run's artifacts; credentials in it (URL passwords, tokens) are masked."""
+        if not isinstance(text, str):
+            raise TypeError(f"log_text needs a str, got {type(text).__name__}")
+        name = artifact_dir(artifact_file, "artifact_file")
+        if name is None:
+            raise ValueError(f"artifact_file {artifact_file!r} must name a file")
+        folder, _, base = name.rpartition("/")
+        self._write_artifact(redact_value(text), folder or None, base)
+
+    def _write_artifact(self, text: str, folder: str | None, base: str) -> None:
         try:
-            blob_dir = self.spool_dir / BLOB_DIR / secrets.token_hex(8)
-            blob_dir.mkdir(parents=True, mode=0o700)
-        except OSError:
-            blob_dir = Path(tempfile.mkdtemp(prefix="trainkit-blob-"))
-        blob = blob_dir / base
-        blob.write_text(text, encoding="utf-8")
-        self._enqueue_artifact(str(blob), folder or None, tmp=True)
+            blob = capture.write_text(self.spool_dir, base, text)
+        except OSError as exc:
+            raise OSError(f"cannot write {base!r} for run {self.run_id}: {exc}") from exc
+        self._enqueue_artifact(str(blob), folder, name=base)
 
     def _enqueue_artifact(
-        self, src: str, dst: str | None, *, is_dir: bool = False, tmp: bool = False
+        self, src: str, dst: str | None, *, name: str, is_dir: bool = False
     ) -> None:
-        # tmp: a file the SDK wrote itself (log_dict), deleted once uploaded.
-        record = {"t": "a", "src": src, "dst": dst, "dir": is_dir, "tmp": tmp}
+        # tmp: what the journal captured, deleted once uploaded (kept while set aside).
+        record = {"t": "a", "src": src, "dst": dst, "dir": is_dir, "tmp": True, "name": name}
         channel = self._channel if not (self._forked or self._ended) else self._slow_path()
         channel.queue.append(record)
         self._worker.kick()
@@ -265,14 +290,22 @@ class RunLogger:
     # Lifecycle -----------------------------------------------------------------
 
     def flush(
-        self, timeout: float | None = None, *, ending: bool = False, spooled_only: bool = False
+        self,
+        timeout: float | None = None,
+        *,
+        ending: bool = False,
+        spooled_only: bool = False,
+        covers: bool = True,
     ) -> bool:
-        """Wait until everything logged so far is stored; False on timeout or a refused record.
+        """Wait until everything logged so far is stored; False on timeout, or when something
+        logged since the last flush was set aside (that flush alone says so).
 
-        Nothing is dropped on a timeout: the rest stays queued and spooled.
+        Nothing is dropped on a timeout: the rest stays in the journal. ``covers=False``:
+        the SDK's own wait (a leaderboard before the end), which leaves it to the next
+        flush to report what was set aside.
         """
         channel = self._channel if not self._forked else self._slow_path()
-        barrier = Barrier()
+        barrier = Barrier(covers=covers)
         channel.queue.append(barrier)
         self._worker.register(channel)
         self._worker.kick()

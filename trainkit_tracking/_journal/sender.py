@@ -1,75 +1,65 @@
-"""The sender: reads the spool files of one store, sends them in order and marks them done.
+"""The sender of a store: reads every journal file of that store in a spool dir, sends the
+entries in order, and settles each one through its file's ``Ledger``.
 
-It runs in its own low-priority process (``python -m trainkit_tracking._journal.sender``), so the
-store's work never runs in the training interpreter; one per spool directory and store,
-held by a lock file. It survives the training process, sends what a SIGKILLed process
-left, and ends by itself once nothing is left or after a bounded linger.
+There is one per store and spool dir, whoever it is: the holder of the store's sender lock
+(``sender_lock.py``). By default it is a low-priority process of its own (``python -m
+trainkit_tracking._journal.sender``), so the store's work never runs in the training
+interpreter; with ``TRAINKIT_SENDER=thread`` a thread of a training process; and ``sync``
+becomes it in the foreground. Writers wake it (``wake.py``) and it wakes them when it marks
+their entries, so that ``flush()`` costs the store's latency, not a poll.
+
+It finishes (and deletes) the files of writers that died, and ends by itself: once no
+writer lives and nothing is left, or once no writer lives and the store stayed down for
+``linger`` seconds (the rest is then left to ``sync``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
 import time
-from collections import deque
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from trainkit_tracking._core.redact import get_logger, redact_value
-from trainkit_tracking._journal.sender_lock import hold_lock, status_path
-from trainkit_tracking._journal.spool import (
-    SUFFIX,
-    AckLog,
-    Record,
-    ack_path,
-    checksum,
-    read_lines,
-    send_record,
-    try_lock,
-    uri_id,
-)
-from trainkit_tracking._store.store import Store, is_transient
+from trainkit_tracking._journal.delivery import Outcome, StoreDown, deliver
+from trainkit_tracking._journal.ledger import Record, log_set_aside
+from trainkit_tracking._journal.sender_files import SCAN, JournalFile, Progress, StoreFiles, count
+from trainkit_tracking._journal.sender_lock import hold_lock, status_path, write_status
+from trainkit_tracking._journal.spool import SUFFIX, uri_id
+from trainkit_tracking._journal.wake import Waker
+from trainkit_tracking._process import hooks
+from trainkit_tracking._store.store import Store
 
 log = get_logger(__name__)
 
 MAX_BACKOFF = 15.0
-READ_BYTES = 1 << 20  # read ahead of the sending by at most this much per file
-POLL = 0.01  # how often a live spool file is looked at for new records
-SCAN = 0.25  # how often the directory is listed for new spool files
-IDLE_EXIT = 3.0  # seconds with nothing to send and no live writer before the process ends
-DEFAULT_LINGER = 3600.0  # seconds a store may stay down after the last writer died
+# Seconds with nothing to send and no live writer before a sender ends: a thread is started
+# again when needed; a process lingers a little longer (it costs seconds to start).
+IDLE_EXIT = {"process": 10.0, "thread": 3.0, "sync": 0.0}
+DEFAULT_LINGER = 600.0  # seconds a store may stay down after the last writer is gone
+BURST = 20  # entries sent from one file before the next file gets its turn
 
 
-@dataclass
-class _File:
-    """What the sender knows of one spool file."""
-
-    path: Path
-    acks: AckLog
-    run_id: str = ""
-    offset: int = 0
-    todo: deque[Record] = field(default_factory=deque)
-    settled: set[int] = field(default_factory=set)
-    checksums: dict[int, str] = field(default_factory=dict)
-    fd: int | None = None  # open, and locked once its writer is gone
-    owned: bool = False  # the writer is gone: this sender finishes and deletes the file
-    kept: bool = False  # a record was refused as a whole: the file is left for `sync`
-    foreign: bool = False  # its own process sends it (TRAINKIT_SENDER=thread) while alive
-    eof: bool = False  # everything written so far has been read
+_SENDERS: weakref.WeakSet[Sender] = weakref.WeakSet()
 
 
-class SpoolSender:
-    """Sends every spool file of one store in ``spool_dir``, exactly once with the marks.
+def _after_fork_in_child() -> None:
+    for sender in list(_SENDERS):
+        sender._forget_after_fork()
 
-    ``standalone``: the process of its own, which holds the sender lock and ends once no
-    writer is alive and nothing is left (or the store stayed down for ``linger`` seconds).
-    Else a thread of a training process (``TRAINKIT_SENDER=thread``) that sends only that
-    process's own files, until ``stop()``; a file written so waits for its process.
+
+hooks.on_fork(_after_fork_in_child)
+
+
+class Sender:
+    """Sends every journal file of one store in ``spool_dir``; see the module docstring.
+
+    ``mode``: ``"process"`` (ends by itself), ``"thread"`` (until ``stop()``, or idle) or
+    ``"sync"`` (``run_until_done``). The caller holds the store's sender lock (``lock_fd``).
     """
 
     def __init__(
@@ -78,277 +68,256 @@ class SpoolSender:
         tracking_uri: str,
         *,
         timeout: float,
-        standalone: bool,
+        mode: str,
         linger: float = DEFAULT_LINGER,
-        own_paths: Callable[[], set[Path]] | None = None,
+        lock_fd: int | None = None,
+        accept: Callable[[str], bool] | None = None,
+        on_settled: Callable[[], None] | None = None,
     ) -> None:
-
-        self.own_paths = own_paths  # a thread: the files of this process's live writers
         self.spool_dir = spool_dir
         self.uri = tracking_uri
         self.uid = uri_id(tracking_uri)
         self.store = Store(tracking_uri, timeout=timeout, retries=False)
-        self.standalone = standalone
+        self.mode = mode
         self.linger = linger
-        self.files: dict[Path, _File] = {}
-        self.ignored: set[Path] = set()  # other stores' files, and files left for `sync`
+        self.lock_fd = lock_fd
+        self.accept = accept  # sync --experiment: which runs to send
+        self.on_settled = on_settled  # sync's progress bar: called once per entry
+        self.journal = StoreFiles(spool_dir, self.uid, lock_fd=lock_fd, accept=accept)
+        self.files = self.journal.files
         self.down_since: float | None = None
+        self.retry_at = 0.0
         self.attempt = 0
+        self.waker = Waker()
+        self.progress = Progress()
         self._stop = threading.Event()
-        self._last_scan = 0.0
-        self._last_status: dict[str, Any] = {}
-        self._status_written = 0.0
-        self.stored = 0  # records stored by this sender
+        self._status: dict[str, object] = {}
+        self._status_at = 0.0
+        _SENDERS.add(self)
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: this sender's thread is not there. Close the descriptors it
+        inherited without unlocking them (the locks are the parent's), so that the store's
+        lock and the files' locks go when the parent goes."""
+        for fd in [self.lock_fd, *(f.fd for f in self.files.values())]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.lock_fd = self.journal.lock_fd = None
+        self.files.clear()
+        self.waker.close()
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self.waker.send(self.waker.port, "stop")
 
-    # The loop ------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # The loops -------------------------------------------------------------------
 
     def run(self) -> None:
-        if self.standalone:
-            self._write_status(True)  # who sends, from the start (doctor shows it)
-        idle_since = time.monotonic()
-        last_live = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                worked, waiting = self.step()
-            except Exception:  # the sender must go on; the data stays in the spool
-                log.exception("trainkit-tracking sender failed; retrying")
-                worked, waiting = False, True
-                self._stop.wait(1.0)
-            now = time.monotonic()
-            live = any(not f.owned for f in self.files.values())
-            if live:
-                last_live = now
-            if worked or live or waiting:
-                idle_since = now
-            if self.standalone:
+        """A sender process or thread: until it ends by itself (or ``stop()``)."""
+        idle_since = last_live = time.monotonic()
+        self._write_status(True)  # who sends, and where it listens, from the start
+        try:
+            while not self._stop.is_set():
+                worked = self.step()
+                now = time.monotonic()
+                live = any(not f.owned for f in self.files.values())
+                waiting = any(f.todo or not f.eof for f in self.files.values())
+                if live:
+                    last_live = now
+                if worked or live or waiting:
+                    idle_since = now
                 self._write_status(waiting)
-            if not self.standalone and not self.files and now - idle_since > IDLE_EXIT:
-                break  # a thread with nothing to send: started again when needed
-            if self.standalone and not live:
-                if not waiting and now - idle_since > IDLE_EXIT:
+                if not live and not waiting and now - idle_since > IDLE_EXIT[self.mode]:
                     break
-                if waiting and self.down_since is not None and now - last_live > self.linger:
-                    log.warning("the store stayed down; the rest is left for sync")
+                if not live and self.down and now - last_live > self.linger:
+                    log.warning(
+                        "the store %s stayed down for %.0f s after its last writer ended; the "
+                        "rest is left for `trainkit-tracking sync`",
+                        redact_value(self.uri),
+                        self.linger,
+                    )
                     break
-            if not worked:
-                delay = self._backoff() if self.down_since is not None else POLL
-                self._stop.wait(delay)
-        self._close_all()
-        self._stop.set()
+                if not worked:
+                    self._wait(now)
+        finally:
+            self.close()
 
-    def step(self) -> tuple[bool, bool]:
-        """One pass: find files, read new records, send. Returns (sent something, work left)."""
-        now = time.monotonic()
-        if now - self._last_scan >= SCAN:
-            self._last_scan = now
-            self._scan()
+    def run_until_done(self, timeout: float) -> bool:
+        """``sync``: send until every entry of the store's files is settled; False when the
+        store did not answer for ``timeout`` seconds first."""
+        self.journal.scan(force=True)
+        stalled_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                worked = self.step()
+                now = time.monotonic()
+                if worked:
+                    stalled_since = now
+                if not any(f.todo or not f.eof for f in self.files.values()):
+                    return True
+                if now - stalled_since > timeout:
+                    return False
+                if not worked:
+                    self._wait(now)
+        finally:
+            self.close()
+        return False
+
+    def _wait(self, now: float) -> None:
+        busy = not self.down and any(f.todo or not f.eof for f in self.files.values())
+        until = self.retry_at if self.down else now + (0.0 if busy else SCAN)
+        for message in self.waker.wait(max(0.0, min(until, now + SCAN) - now)):
+            self.heard(message)
+
+    def heard(self, message: str) -> None:
+        """A wake-up: a writer's new entries, or ``sync`` asking to retry now."""
+        parts = message.split()
+        if not parts:
+            return
+        if parts[0] == "r":
+            self.retry_at, self.attempt = 0.0, 0
+        elif parts[0] == "w" and len(parts) == 3 and parts[1].endswith(SUFFIX):
+            path = self.spool_dir / os.path.basename(parts[1])
+            file = self.files.get(path) or self.journal.add(path)
+            if file is not None:
+                file.eof = False
+                with contextlib.suppress(ValueError):
+                    file.reply_port = int(parts[2])
+
+    def step(self) -> bool:
+        """One pass: find files, read new entries, send some. Returns whether it sent."""
+        self.journal.scan()
+        if self.journal.lost:  # the spool dir was deleted, and another sender took over
+            self._stop.set()
+            return False
+        if self.journal.relocked:
+            self.journal.relocked, self._status = False, {}
+        for message in self.waker.wait(0.0):
+            self.heard(message)
+        if self.down and time.monotonic() < self.retry_at:
+            return False
         worked = False
         for file in sorted(self.files.values(), key=lambda f: f.path.name):
-            if file.foreign:
-                if file.fd is None or not try_lock(file.fd):
-                    continue  # its process sends it
-                file.foreign, file.owned = False, True
-                self._reopen(file)
-            if not file.todo:
-                self._read(file)
-            if not file.todo and file.eof:
-                self._maybe_finish(file)
-                continue
-            sent, ok = self._send_some(file)
-            worked = worked or sent
-            if not ok:  # the store is down: every file of it waits
-                return worked, True
-        waiting = any(f.todo for f in self.files.values())
-        return worked, waiting
+            if not file.todo and not file.eof:
+                self.journal.read(file)
+            if file.todo:
+                sent, up = self._send_some(file)
+                worked = worked or sent
+                if not up:  # the store is down: every file of it waits
+                    return worked
+            if file.owned and file.eof and not file.todo:
+                self.journal.finish(file)
+        return worked
 
-    def _backoff(self) -> float:
-        return min(0.5 * 2.0 ** max(self.attempt - 1, 0), MAX_BACKOFF)
+    # Files -----------------------------------------------------------------------
 
-    # Files ---------------------------------------------------------------------
+    def close(self) -> None:
+        self.journal.close()
+        self.waker.close()
+        self._stop.set()
 
-    def _scan(self) -> None:
-        try:
-            names = os.listdir(self.spool_dir)
-        except OSError:
-            return
-        present = set()
-        for name in names:
-            if not name.endswith(SUFFIX):
-                continue
-            path = self.spool_dir / name
-            present.add(path)
-            if path in self.files or path in self.ignored:
-                continue
-            file = self._open(path)
-            if file is None:
-                self.ignored.add(path)
-            else:
-                self.files[path] = file
-        for path in list(self.files):
-            if path not in present:  # deleted by its writer once everything was stored
-                self._forget(self.files[path])
-        self.ignored &= present
+    # Sending ---------------------------------------------------------------------
 
-    def _open(self, path: Path) -> _File | None:
-        header, _ = read_lines(path, 0, 64 << 10)
-        if not header or header[0].get("t") != "h" or header[0].get("uri_id") != self.uid:
-            return None
-        if self.own_paths is not None and path not in self.own_paths():
-            return None
-        file = _File(path=path, acks=AckLog(path), run_id=str(header[0].get("run")))
-        file.foreign = self.own_paths is None and header[0].get("sender") == "thread"
-        self._reopen(file)
-        with contextlib.suppress(OSError):
-            file.fd = os.open(path, os.O_RDONLY)
-        return file
-
-    def _read(self, file: _File) -> None:
-        records, offset = read_lines(file.path, file.offset, READ_BYTES)
-        file.eof = offset == file.offset or len(records) == 0
-        file.offset = offset
-        for record in records:
-            kind = record.get("t")
-            if kind in ("b", "a", "e") and int(record["n"]) not in file.settled:
-                file.todo.append(record)
-            elif kind in ("d", "r", "x"):  # marks written into the file itself by 0.1
-                seq = int(record["n"])
-                file.settled.add(seq)
-                file.todo = deque(r for r in file.todo if r["n"] != seq)
-        if records and not file.todo:
-            file.eof = False  # only marks and done records: read on
-
-    def _maybe_finish(self, file: _File) -> None:
-        """Caught up with a file: once its writer is gone, read the last of it, then delete
-        it (unless a record was kept for ``sync``: then it is left to ``sync``)."""
-        if self.own_paths is not None:  # a thread: its process closes and deletes its files
-            if file.path not in self.own_paths():
-                self._forget(file)
-            return
-        if not file.owned:
-            if file.fd is None or not try_lock(file.fd):
-                return  # its writer is alive
-            file.owned = True
-            file.eof = False  # read what it wrote just before it went
-            return
-        if not file.kept:
-            file.acks.close()
-            for path in (file.path, ack_path(file.path)):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        self._forget(file)
-        self.ignored.add(file.path)
-
-    def _reopen(self, file: _File) -> None:
-        """Read ``file`` from its first record, skipping what its marks settled."""
-        file.todo.clear()
-        file.offset = _header_end(file.path)
-        for mark in read_lines(ack_path(file.path), 0)[0]:
-            if mark.get("t") in ("d", "r", "x", "k"):
-                file.settled.add(int(mark["n"]))
-                file.kept = file.kept or mark.get("t") == "k"
-            elif mark.get("t") == "s":
-                file.checksums[int(mark["n"])] = str(mark["sha256"])
-
-    def _forget(self, file: _File) -> None:
-        file.acks.close()
-        if file.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(file.fd)
-            file.fd = None
-        self.files.pop(file.path, None)
-
-    def _close_all(self) -> None:
-        for file in list(self.files.values()):
-            self._forget(file)
-
-    # Sending -------------------------------------------------------------------
-
-    def _send_some(self, file: _File, limit: int = 20) -> tuple[bool, bool]:
+    def _send_some(self, file: JournalFile) -> tuple[bool, bool]:
+        """Send up to ``BURST`` entries of ``file``: (sent any, store up)."""
         sent = False
-        for _ in range(limit):
-            if not file.todo or self._stop.is_set():
-                break
-            record = file.todo[0]
-            try:
-                if record["t"] == "a" and not os.path.exists(record["src"]):
-                    raise FileNotFoundError(f"artifact {record['src']!r} no longer exists")
-                refused = send_record(self.store, file.run_id, record)
-            except Exception as exc:
-                if record["t"] == "a" and record["n"] not in file.checksums:
-                    self._note_checksum(file, record)
-                if is_transient(exc) and not isinstance(exc, FileNotFoundError):
-                    self.attempt += 1
-                    if self.down_since is None:
-                        self.down_since = time.monotonic()
-                    log.debug("store %s unavailable: %s", redact_value(self.uri), exc)
-                    return sent, False
-                file.kept = True
-                what = {"b": "a batch", "a": "an artifact", "e": "the end"}[record["t"]]
-                self._mark(file, {"t": "k", "n": record["n"], "why": [_reason(exc)], "what": what})
-            else:
-                if refused:
-                    self._mark(file, {"t": "r", "n": record["n"], "why": refused})
-                else:
-                    self._mark(file, {"t": "d", "n": record["n"]})
-                    self.stored += 1
-            self.attempt, self.down_since = 0, None
-            file.todo.popleft()
-            sent = True
-        return sent, True
-
-    def _mark(self, file: _File, mark: Record) -> None:
-        file.settled.add(mark["n"])
         try:
-            file.acks.write(mark)
+            for _ in range(BURST):
+                if not file.todo or self._stop.is_set():
+                    break
+                record = file.todo[0]
+                seq = int(record["n"])
+                file.ledger.sending(seq)
+                try:
+                    outcome = deliver(self.store, file.run_id, record)
+                except StoreDown as exc:
+                    self._store_down(str(exc))
+                    return sent, False
+                self._settle(file, record, outcome)
+                file.todo.popleft()
+                sent = True
+            if sent:
+                self.down_since, self.attempt = None, 0
+            return sent, True
+        finally:
+            if sent:
+                self.waker.send(file.reply_port, f"a {file.path.name}")
+
+    def _store_down(self, why: str) -> None:
+        self.attempt += 1
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+        self.retry_at = now + min(0.5 * 2.0 ** (self.attempt - 1), MAX_BACKOFF)
+        log.debug("store %s unavailable: %s", redact_value(self.uri), why)
+
+    def _settle(self, file: JournalFile, record: Record, outcome: Outcome) -> None:
+        seq = int(record["n"])
+        for aside in outcome.aside:
+            try:
+                log_set_aside(
+                    self.spool_dir,
+                    uri=self.uri,
+                    uri_id=self.uid,
+                    run_id=file.run_id,
+                    what=aside.what,
+                    origin=aside.origin,
+                    why=aside.why,
+                    record=aside.record,
+                )
+            except OSError as exc:  # the warning and the mark still say it
+                log.warning("could not keep %s of run %s: %s", aside.what, file.run_id, exc)
+            self.progress.set_aside.append(f"run {file.run_id}: {aside.what} ({aside.why})")
+            log.warning("set aside %s of run %s: %s", aside.what, file.run_id, aside.why)
+        try:
+            if outcome.whole:
+                aside = outcome.aside[0]
+                file.ledger.set_aside(seq, aside.what, aside.origin, aside.why)
+            else:
+                file.ledger.stored(seq, [f"{a.what} ({a.why})" for a in outcome.aside])
+                self.progress.stored += 1
+                count(self.progress.counts, record)
         except OSError as exc:  # a full disk: sent again later, which stores nothing twice
-            log.debug("could not mark record %s of %s: %s", mark["n"], file.path, exc)
+            log.debug("could not mark %s of %s: %s", seq, file.path, exc)
+        if self.on_settled is not None:
+            self.on_settled()
 
-    def _note_checksum(self, file: _File, record: Record) -> None:
-        with contextlib.suppress(OSError):
-            digest = checksum(Path(record["src"]))
-            file.checksums[record["n"]] = digest
-            file.acks.write({"t": "s", "n": record["n"], "sha256": digest})
-
-    # Status --------------------------------------------------------------------
+    # Status ----------------------------------------------------------------------
 
     def _write_status(self, waiting: bool) -> None:
-        status = {
+        status: dict[str, object] = {
             "pid": os.getpid(),
+            "port": self.waker.port,
+            "mode": self.mode,
             "uri": redact_value(self.uri),
-            "down": self.down_since is not None,
+            "down": self.down,
             "waiting": waiting,
             "files": len(self.files),
+            "set_aside": len(self.progress.set_aside),
         }
         now = time.monotonic()
-        if status == self._last_status and now - self._status_written < 5.0:
+        if status == self._status and now - self._status_at < 5.0:
             return
-        self._last_status, self._status_written = status, now
-        status["updated"] = int(time.time())
-        path = status_path(self.spool_dir, self.uid)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(status), encoding="utf-8")
-            os.replace(tmp, path)
+        self._status, self._status_at = status, now
+        write_status(self.spool_dir, self.uid, status)
 
 
-def _header_end(path: Path) -> int:
-    with open(path, "rb") as fh:
-        return len(fh.readline())
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(redact_value(str(exc)).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-# The process -------------------------------------------------------------------
+# The process -----------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
-    """``python -m trainkit_tracking._journal.sender SPOOL_DIR TIMEOUT LINGER``; the URI on stdin."""
+    """``python -m trainkit_tracking._journal.sender SPOOL_DIR TIMEOUT LINGER``; the URI on
+    stdin (never on the command line)."""
     spool_dir = Path(argv[0])
     timeout, linger = float(argv[1]), float(argv[2])
     uri = sys.stdin.readline().strip()
@@ -356,14 +325,19 @@ def main(argv: list[str]) -> int:
     if hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(10)  # the training process comes first
-    fd = hold_lock(spool_dir, uri_id(uri))
+    fd = None
+    for _ in range(20):  # someone may be testing the lock for a moment
+        fd = hold_lock(spool_dir, uri_id(uri))
+        if fd is not None:
+            break
+        time.sleep(0.01)
     if fd is None:
         return 0  # another sender has this store
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        SpoolSender(spool_dir, uri, timeout=timeout, standalone=True, linger=linger).run()
+        Sender(spool_dir, uri, timeout=timeout, mode="process", linger=linger, lock_fd=fd).run()
     finally:
         with contextlib.suppress(OSError):
             status_path(spool_dir, uri_id(uri)).unlink()

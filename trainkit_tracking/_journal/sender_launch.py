@@ -1,7 +1,9 @@
-"""Starting a sender: the training process's side of the one sender of a store.
+"""Starting the sender of a store: the training process's side of it.
 
-``Link.ensure()`` starts ``python -m trainkit_tracking._journal.sender`` when no sender holds the
-store's lock (or a thread, with ``TRAINKIT_SENDER=thread``); ``senders()`` lists the
+``Link.ensure()`` starts ``python -m trainkit_tracking._journal.sender`` when nobody holds
+the store's sender lock (or, with ``TRAINKIT_SENDER=thread`` or when no process can be
+started, a sender thread here: it takes the same lock, so that two senders never send one
+store). ``Link.wake()`` tells the sender a file has new entries. ``senders()`` lists the
 running ones for ``doctor``.
 """
 
@@ -11,20 +13,22 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trainkit_tracking._core.redact import get_logger, warn
-from trainkit_tracking._journal.sender import SpoolSender
-from trainkit_tracking._journal.sender_lock import read_status, sender_running
+from trainkit_tracking._journal.sender import Sender
+from trainkit_tracking._journal.sender_lock import hold_lock, read_status, sender_running
 from trainkit_tracking._journal.spool import uri_id
+from trainkit_tracking._journal.wake import Waker
 
 log = get_logger(__name__)
 
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
 
 def senders(spool_dir: Path) -> list[dict[str, Any]]:
-    """The sender processes running for ``spool_dir``: their last status (pid, uri, down)."""
+    """The senders running for ``spool_dir``: their last status (pid, uri, down...)."""
     found = []
     try:
         names = sorted(os.listdir(spool_dir))
@@ -39,24 +43,11 @@ def senders(spool_dir: Path) -> list[dict[str, Any]]:
 
 
 class Link:
-    """A training process's side of the sender of one store and spool directory.
-
-    ``ensure()`` starts a sender when none holds the lock: a process of its own (the
-    default), else (``TRAINKIT_SENDER=thread``, or when no process could be started) a
-    thread of this process.
-    """
+    """A training process's side of the sender of one store and spool directory."""
 
     def __init__(
-        self,
-        spool_dir: Path,
-        tracking_uri: str,
-        *,
-        timeout: float,
-        linger: float,
-        mode: str,
-        own_paths: Callable[[], set[Path]],
+        self, spool_dir: Path, tracking_uri: str, *, timeout: float, linger: float, mode: str
     ) -> None:
-        self.own_paths = own_paths
         self.spool_dir = spool_dir
         self.uri = tracking_uri
         self.uid = uri_id(tracking_uri)
@@ -67,34 +58,33 @@ class Link:
         self.checked = 0.0
         self.spawned: float | None = None  # a process started and not seen running yet
         self.failures = 0
-        self.procs: list[Any] = []  # subprocess.Popen handles, polled so none is a zombie
-        self.thread: SpoolSender | None = None
-        self._status: tuple[float, dict[str, Any]] = (0.0, {})
+        self.thread: Sender | None = None
+        self._port: tuple[float, int] = (0.0, 0)
 
     def ensure(self, *, now: float | None = None) -> None:
+        """Make sure a sender runs for the store (checked at most once a second)."""
         now = time.monotonic() if now is None else now
         with self.lock:
             if now - self.checked < 1.0:
                 return
             self.checked = now
-            self.procs = [p for p in self.procs if p.poll() is None]
-            if self.thread is not None and not self.thread._stop.is_set():
-                return
-            if self.mode == "thread":
-                self._start_thread()
+            if self.thread is not None and not self.thread.stopped:
                 return
             if sender_running(self.spool_dir, self.uid):
                 self.spawned, self.failures = None, 0
                 return
+            if self.mode == "thread":
+                self._start_thread()
+                return
             if self.spawned is not None:
-                if now - self.spawned < 5.0:
-                    return  # still starting
+                if now - self.spawned < 10.0:
+                    return  # still starting (importing mlflow takes seconds)
                 self.failures += 1
             if self.failures >= 2:
                 warn(
                     "trainkit-tracking could not start its sender process (see "
                     f"{self.spool_dir / f'sender-{self.uid}.log'}); this process sends "
-                    "its runs' data itself, in a background thread"
+                    "its store's data itself, in a background thread"
                 )
                 self.mode = "thread"
                 self._start_thread()
@@ -102,22 +92,37 @@ class Link:
                 self._spawn(now)
 
     def _start_thread(self) -> None:
-        sender = SpoolSender(
-            self.spool_dir,
-            self.uri,
-            timeout=self.timeout,
-            standalone=False,
-            own_paths=self.own_paths,
-        )
+        fd = None
+        for _ in range(20):  # someone may be testing the lock for a moment
+            fd = hold_lock(self.spool_dir, self.uid)
+            if fd is not None:
+                break
+            time.sleep(0.005)
+        if fd is None:
+            return  # another sender has the store: it sends our files too
+        sender = Sender(self.spool_dir, self.uri, timeout=self.timeout, mode="thread", lock_fd=fd)
         self.thread = sender
-        threading.Thread(target=sender.run, name="trainkit-sender", daemon=True).start()
+        self._port = (time.monotonic(), sender.waker.port)
+
+        def run() -> None:
+            try:
+                sender.run()
+            finally:
+                if sender.lock_fd is not None:  # None: closed in a forked child
+                    os.close(fd)
+
+        threading.Thread(target=run, name="trainkit-sender", daemon=True).start()
 
     def _spawn(self, now: float) -> None:
         import subprocess
 
         env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p
+        )
+        # The sender has its own backoff: MLflow's HTTP retries would only hide, for minutes,
+        # whether the store is down or refusing one request.
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         kwargs: dict[str, Any] = {}
         if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             kwargs["creationflags"] = 0x00000200 | 0x08000000  # new group, no window
@@ -127,7 +132,8 @@ class Link:
         try:
             if logfile.exists() and logfile.stat().st_size > 1 << 20:
                 logfile.unlink()
-            with open(logfile, "ab") as err:
+            fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as err:
                 command = [sys.executable, "-m", "trainkit_tracking._journal.sender"]
                 command += [str(self.spool_dir), str(self.timeout), str(self.linger)]
                 proc = subprocess.Popen(
@@ -147,19 +153,30 @@ class Link:
             self.failures += 1
             self.checked = 0.0
             return
-        self.procs.append(proc)
+        # Reaped by a daemon thread as soon as it ends: it outlives most of our checks.
+        threading.Thread(target=proc.wait, name="trainkit-sender-reaper", daemon=True).start()
         self.spawned = now
 
-    def status(self) -> dict[str, Any]:
-        """The sender's last status (``down``: the store does not answer), read at most
-        twice a second."""
-        if self.thread is not None:
-            return {"down": self.thread.down_since is not None}
-        at, status = self._status
+    def port(self) -> int:
+        """Where the sender listens for wake-ups (read from its status, at most twice a second)."""
+        if self.thread is not None and not self.thread.stopped:
+            return self.thread.waker.port
+        at, port = self._port
         if time.monotonic() - at > 0.5:
-            status = read_status(self.spool_dir, self.uid)
-            self._status = (time.monotonic(), status)
-        return status
+            value = read_status(self.spool_dir, self.uid).get("port")
+            port = value if isinstance(value, int) else 0
+            self._port = (time.monotonic(), port)
+        return port
+
+    def wake(self, waker: Waker, file_name: str) -> None:
+        """Tell the sender ``file_name`` has new entries; its marks come to ``waker``."""
+        waker.send(self.port(), f"w {file_name} {waker.port}")
+
+    def status(self) -> dict[str, Any]:
+        """The sender's last status (``down``: the store does not answer)."""
+        if self.thread is not None and not self.thread.stopped:
+            return {"down": self.thread.down}
+        return read_status(self.spool_dir, self.uid)
 
     def stop(self) -> None:
         if self.thread is not None:

@@ -1,9 +1,15 @@
-"""Who sends a store's spool: the sender's lock file and its status file in the spool dir."""
+"""Who sends a store's journal: the sender's lock file and its status file in the spool dir.
+
+Whoever holds ``sender-<id>.lock`` is the one sender of that store (a process, a thread of a
+training process, or ``sync``); its status file says where it listens and how it fares.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,11 @@ def hold_lock(spool_dir: Path, uid: str) -> int | None:
 
 
 def sender_running(spool_dir: Path, uid: str) -> bool:
-    """Whether a sender (a process, a thread of one, or ``sync``) holds the lock of ``uid``."""
+    """Whether a sender (a process, a thread of one, or ``sync``) holds the lock of ``uid``.
+
+    Tests by taking the lock for a moment: a sender starting at that very moment tries
+    again for a while before it concludes another one has the store.
+    """
     try:
         fd = hold_lock(spool_dir, uid)
     except OSError:
@@ -46,3 +56,14 @@ def read_status(spool_dir: Path, uid: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def write_status(spool_dir: Path, uid: str, status: dict[str, object]) -> None:
+    """Replace the status file (atomically: readers never see half of it)."""
+    path = status_path(spool_dir, uid)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({**status, "updated": int(time.time())}, fh)
+        os.replace(tmp, path)

@@ -1,7 +1,11 @@
-"""The on-disk spool: one append-only JSON-lines file per run per process, locked while in use.
+"""The journal on disk: one append-only JSON-lines file per run per process, locked by its
+writer while it lives, in a private spool directory.
 
-The training process writes a record here before anything sends it; whoever sends it (the
-sender, or ``sync``) marks it done in the file's ``.ack`` sidecar once the store took it.
+The training process appends an entry here before anything sends it; the store's sender
+marks it stored or set aside in the file's ``.ack`` sidecar (``ledger.py``). A writer lives
+while it holds its file's lock: the one rule every reader uses (``writer_alive``). The
+kernel releases the lock when the writer dies, and a forked child closes its inherited
+copy, so a dead parent's file is never kept "live" by its children.
 """
 
 from __future__ import annotations
@@ -12,30 +16,35 @@ import json
 import os
 import secrets
 import socket
+import stat
+import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainkit_tracking._core import env as _env
 from trainkit_tracking._core.limits import MAX_BATCH_BYTES as MAX_BATCH_BYTES
-from trainkit_tracking._core.redact import redact_value
+from trainkit_tracking._core.redact import redact_value, warn
+from trainkit_tracking._journal.ledger import Ledger, Record, line, read_lines, write_all
+from trainkit_tracking._journal.ledger import ack_path as ack_path
 from trainkit_tracking._journal.records import Point as Point
-from trainkit_tracking._journal.records import Record as Record
-from trainkit_tracking._journal.records import checksum as checksum
 from trainkit_tracking._journal.records import make_batches as make_batches
-from trainkit_tracking._journal.records import remove_blob as remove_blob
-from trainkit_tracking._journal.records import send_record as send_record
+from trainkit_tracking._process import hooks
 from trainkit_tracking._process.file_lock import try_lock as try_lock
+from trainkit_tracking.errors import TrackingError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".jsonl"
-ACK_SUFFIX = ".ack"  # the marks of a spool file, written only by whoever sends it
 BLOB_DIR = "blobs"
-# A fully acknowledged segment larger than this is deleted and a new one started, so a
-# long run's spool stays small.
+# A fully settled segment larger than this is deleted and a new one started, so a long
+# run's journal stays small.
 ROTATE_BYTES = 8 * 1024 * 1024
+
+_OPEN: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
 
 
 def default_spool_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -52,21 +61,85 @@ def default_spool_dir(environ: Mapping[str, str] | None = None) -> Path:
     return base / "trainkit-tracking" / "spool"
 
 
-# Writing -----------------------------------------------------------------------
+class JournalLost(OSError):
+    """The journal file was deleted and cannot be made again; ``records`` are the entries
+    it held that were not settled (the caller keeps them in memory)."""
+
+    def __init__(self, message: str, records: list[Record]) -> None:
+        super().__init__(message)
+        self.records = records
+
+
+class ForeignSpoolDir(TrackingError):
+    """The spool directory belongs to another user: its entries would be theirs to read."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (0700) or check that it is this user's; tighten its mode if needed.
+
+    Raises ``ForeignSpoolDir`` for a directory another user owns, ``OSError`` when it
+    cannot be made.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if sys.platform == "win32":  # pragma: no cover - no POSIX owners or modes there
+        return path
+    info = path.stat()
+    if info.st_uid != os.geteuid():
+        raise ForeignSpoolDir(
+            f"the spool directory {str(path)!r} belongs to another user (uid {info.st_uid}); "
+            "what this process logs would be readable by them. Set TRAINKIT_SPOOL_DIR (or "
+            "Tracker(spool_dir=...)) to a directory of your own"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+_FALLBACK: dict[Path, Path] = {}
+
+
+def usable_spool_dir(path: Path) -> Path:
+    """``path``, or a fresh private directory instead when another user owns ``path`` (with
+    one warning saying where the journal goes). A directory that cannot be made at all is
+    returned as it is: the writer then keeps the journal in memory, and says so."""
+    try:
+        private_dir(path)
+        return path
+    except ForeignSpoolDir as exc:
+        fallback = _FALLBACK.get(path)
+        if fallback is None:
+            fallback = _FALLBACK[path] = Path(tempfile.mkdtemp(prefix="trainkit-spool-"))
+            warn(
+                f"{exc}. This process journals into {str(fallback)!r} instead; "
+                f"`trainkit-tracking sync --spool-dir {fallback}` sends what is left there"
+            )
+        return fallback
+    except OSError:
+        return path
+
+
+def writer_alive(fd: int) -> bool:
+    """Whether the writer of the journal file open as ``fd`` lives: the one rule.
+
+    It lives while it holds the file's lock. False means the lock is now ours: the
+    caller (a sender, ``sync``) finishes the file, and keeps ``fd`` open while it does.
+    """
+    return not try_lock(fd)
+
+
+# Writing ---------------------------------------------------------------------------
 
 
 class SpoolWriter:
-    """The spool of one run in this process: appends records, marks them done, rotates.
+    """The journal file of one run in this process: appends entries, rotates, and notices
+    a file or directory deleted under it (the entries not yet settled are written again).
 
-    Raises ``OSError`` from the constructor when the spool dir is not writable; the
-    caller then logs in memory only.
+    Raises ``OSError`` (or ``ForeignSpoolDir``) from the constructor when the spool dir
+    cannot be used; the caller then logs in memory only.
     """
 
-    def __init__(
-        self, spool_dir: Path, tracking_uri: str, run_id: str, *, sender: str = "process"
-    ) -> None:
+    def __init__(self, spool_dir: Path, tracking_uri: str, run_id: str) -> None:
         self.spool_dir = spool_dir
-        self.sender = sender  # "thread": this process sends the file itself
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._token = secrets.token_hex(4)
@@ -78,8 +151,10 @@ class SpoolWriter:
         self._pending: set[int] = set()
         self._dirty = False
         self.closed = False
-        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.recovered = 0  # entries written again after the journal was deleted under us
+        private_dir(spool_dir)
         self._open_segment()
+        _OPEN.add(self)
 
     @property
     def path(self) -> Path | None:
@@ -90,25 +165,25 @@ class SpoolWriter:
         name = f"{self.run_id}.{os.getpid()}.{self._token}.{self._segment:04d}"
         final = self.spool_dir / (name + SUFFIX)
         tmp = self.spool_dir / (name + ".tmp")
-        # Created under a temporary name and locked before it becomes visible, so a
-        # concurrent `sync` never sees an unlocked live file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        # Created under a temporary name and locked before it becomes visible, so that no
+        # reader ever sees a live file unlocked. Read-write: the entries of a file deleted
+        # under us are read back from this descriptor.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             try_lock(fd)
             header = {
                 "t": "h",
                 "v": FORMAT_VERSION,
-                # Credentials never go to disk: `sync` matches the store by uri_id.
+                # Credentials never go to disk: senders and `sync` match the store by uri_id.
                 "uri": redact_value(self.tracking_uri),
                 "uri_id": uri_id(self.tracking_uri),
                 "run": self.run_id,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
-                "sender": self.sender,
                 "ts": int(time.time() * 1000),
             }
-            data = _line(header)
-            _write_all(fd, data)
+            data = line(header)
+            write_all(fd, data)
             os.replace(tmp, final)
         except BaseException:
             os.close(fd)
@@ -118,18 +193,55 @@ class SpoolWriter:
         self._fd, self._path, self._size = fd, final, len(data)
 
     def append(self, records: Sequence[Record]) -> None:
-        """Append records (not yet fsync'd: see ``sync_to_disk``)."""
-        data = b"".join(_line(r) for r in records)
+        """Append entries (not yet fsync'd: see ``sync_to_disk``)."""
+        data = b"".join(line(r) for r in records)
         with self._lock:
             if self.closed:
-                raise OSError(f"spool of run {self.run_id} is closed")
+                raise OSError(f"the journal of run {self.run_id} is closed")
             if self._fd is None:
                 self._open_segment()
+            elif self._deleted():
+                self._recover()
             assert self._fd is not None
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             self._size += len(data)
             self._pending.update(r["n"] for r in records)
             self._dirty = True
+
+    def _deleted(self) -> bool:
+        """Whether our file was deleted (or its directory) since we last wrote."""
+        assert self._fd is not None
+        try:
+            return os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def _recover(self) -> None:
+        """The journal was deleted under us: a new file holds what is not settled yet.
+
+        Raises ``OSError`` when the spool dir cannot be made again (the caller then keeps
+        what follows in memory, and says so).
+        """
+        assert self._fd is not None
+        old = self._fd
+        kept = [r for r in _read_fd(old) if r.get("n") in self._pending]
+        try:
+            private_dir(self.spool_dir)
+            self._open_segment()
+        except (OSError, TrackingError) as exc:
+            os.close(old)
+            self._fd, self._path, self.closed = None, None, True
+            self._pending.clear()
+            raise JournalLost(
+                f"the journal was deleted and cannot be made again: {exc}", kept
+            ) from exc
+        os.close(old)
+        if kept:
+            assert self._fd is not None
+            data = b"".join(line(r) for r in kept)
+            write_all(self._fd, data)
+            self._size += len(data)
+        self.recovered += len(kept)
 
     def sync_to_disk(self) -> None:
         with self._lock:
@@ -137,16 +249,8 @@ class SpoolWriter:
                 os.fsync(self._fd)
                 self._dirty = False
 
-    def note(self, record: Record) -> None:
-        """Append a side record (e.g. an artifact checksum) without tracking it as pending."""
-        with self._lock:
-            if self._fd is not None:
-                data = _line(record)
-                _write_all(self._fd, data)
-                self._size += len(data)
-
     def settle(self, seq: int) -> None:
-        """``seq`` was stored or refused (its mark is in the ack file); rotate when the
+        """``seq`` is stored or set aside (its mark is in the ``.ack``); rotate when the
         segment is all settled and big."""
         with self._lock:
             self._pending.discard(seq)
@@ -155,7 +259,7 @@ class SpoolWriter:
 
     @property
     def settled(self) -> bool:
-        """Whether every record appended was acknowledged or refused."""
+        """Whether every entry appended was stored or set aside."""
         with self._lock:
             return not self._pending
 
@@ -169,8 +273,8 @@ class SpoolWriter:
         self._fd, self._path, self._size = None, None, 0
 
     def close(self, *, delete: bool) -> None:
-        """Release the lock; delete the file when ``delete`` or when everything in it was
-        settled (then nothing in it is for ``sync``)."""
+        """Release the lock; delete the file when ``delete`` or when every entry in it is
+        settled (set-aside entries are in the set-aside log by then)."""
         with self._lock:
             if self.closed:
                 return
@@ -185,93 +289,67 @@ class SpoolWriter:
                 os.close(self._fd)
                 self._fd = None
 
+    def _forget_after_fork(self) -> None:
+        """In a forked child: close the inherited descriptor without unlocking it (the
+        lock belongs to the parent's file description), and never write here again."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self.closed = None, True
+        self._lock = threading.Lock()
+
+
+def _read_fd(fd: int) -> list[Record]:
+    records, offset = [], 0
+    chunks = []
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    for raw in b"".join(chunks).splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(raw)
+            if isinstance(record, dict) and record.get("t") in ("b", "a", "e"):
+                records.append(record)
+    return records
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_OPEN):
+        writer._forget_after_fork()
+
+
+hooks.on_fork(_after_fork_in_child)
+
 
 def uri_id(tracking_uri: str) -> str:
     """A stable id of a tracking URI, credentials included, that reveals none of it."""
     return hashlib.sha256(tracking_uri.encode("utf-8")).hexdigest()[:16]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-# Records are plain data built here: skipping the circular-reference check saves a quarter
-# of the encoding, which is most of what the training process pays to log.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-
-
-def _line(record: Record) -> bytes:
-    return (_ENCODE(record) + "\n").encode("utf-8")
-
-
-def ack_path(spool_path: Path) -> Path:
-    return spool_path.with_suffix(ACK_SUFFIX)
-
-
-class AckLog:
-    """The marks of one spool file: done ("d"), refused items ("r"), kept for ``sync``
-    ("k"), dropped ("x") and artifact checksums ("s"). Written by the one sender of the
-    file at a time (the sender lock, or the file's own lock for ``sync``)."""
-
-    def __init__(self, spool_path: Path) -> None:
-        self.path = ack_path(spool_path)
-        self._fd: int | None = None
-
-    def write(self, record: Record) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _write_all(self._fd, _line(record))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-
-
-def read_lines(path: Path, offset: int, limit: int | None = None) -> tuple[list[Record], int]:
-    """The complete JSON lines of ``path`` after byte ``offset`` (at most about ``limit``
-    bytes), and the offset after the last one: a line still being written waits."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read() if limit is None else fh.read(limit)
-    except OSError:  # gone (deleted once all was stored), or its directory is
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    if end == 0 and limit is not None and len(data) >= limit:  # a line longer than the limit
-        return read_lines(path, offset, limit * 4)
-    records = []
-    for raw in data[:end].splitlines():
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue  # a torn line (a write cut by SIGKILL, then appended after)
-        if isinstance(record, dict):
-            records.append(record)
-    return records, offset + end
-
-
-# Reading -----------------------------------------------------------------------
+# Reading ---------------------------------------------------------------------------
 
 
 @dataclass
 class SpoolFile:
-    """What one spool file holds: its header and its records, done or not."""
+    """What one journal file holds: its header, its entries, and their states."""
 
     path: Path
     tracking_uri: str | None = None  # credentials masked
-    uri_id: str | None = None  # uri_id() of the real URI (files written since 0.2)
+    uri_id: str | None = None  # uri_id() of the real URI
     run_id: str | None = None
     started: int = 0  # header timestamp: orders the files of one run
     records: dict[int, Record] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
-    checksums: dict[int, str] = field(default_factory=dict)
-    refused: dict[int, list[str]] = field(default_factory=dict)
-    kept: dict[int, list[str]] = field(default_factory=dict)  # refused as a whole: for sync
+    ledger: Ledger | None = None
     corrupt_lines: int = 0
+
+    @property
+    def done(self) -> set[int]:
+        """The entries stored or set aside."""
+        assert self.ledger is not None
+        return {n for n in self.records if self.ledger.is_settled(n)}
 
     @property
     def pending(self) -> list[Record]:
@@ -279,16 +357,23 @@ class SpoolFile:
 
 
 def spool_paths(spool_dir: Path) -> list[Path]:
-    """The spool files under ``spool_dir``, in name order (run, pid, token, segment)."""
+    """The journal files under ``spool_dir``, in name order (run, pid, token, segment)."""
     try:
         return sorted(p for p in spool_dir.iterdir() if p.name.endswith(SUFFIX) and p.is_file())
-    except FileNotFoundError:
+    except OSError:
         return []
 
 
+def read_header(path: Path) -> Record | None:
+    header = read_lines(path, 0, 64 << 10)[0]
+    return header[0] if header and header[0].get("t") == "h" else None
+
+
 def read_spool(path: Path) -> SpoolFile:
-    """Parse a spool file; a torn last line (a write cut by SIGKILL) is ignored."""
-    spool = SpoolFile(path)
+    """Parse a journal file and its marks; a torn last line (SIGKILL) is ignored."""
+    spool = SpoolFile(path, ledger=Ledger(path))
+    assert spool.ledger is not None
+    legacy_marks = []
     with open(path, "rb") as fh:
         for raw in fh:
             try:
@@ -308,20 +393,7 @@ def read_spool(path: Path) -> SpoolFile:
             elif kind in ("b", "a", "e"):
                 spool.records[int(record["n"])] = record
             else:
-                _apply_mark(spool, record)
-    for mark in read_lines(ack_path(path), 0)[0]:
-        _apply_mark(spool, mark)
+                legacy_marks.append(record)
+    spool.ledger.read_marks_in(legacy_marks)
+    spool.ledger.read_new()
     return spool
-
-
-def _apply_mark(spool: SpoolFile, record: Record) -> None:
-    kind = record.get("t")
-    if kind in ("d", "x"):
-        spool.done.add(int(record["n"]))
-    elif kind == "r":
-        spool.done.add(int(record["n"]))
-        spool.refused[int(record["n"])] = [str(w) for w in record.get("why", ())]
-    elif kind == "k":
-        spool.kept[int(record["n"])] = [str(w) for w in record.get("why", ())]
-    elif kind == "s":
-        spool.checksums[int(record["n"])] = str(record["sha256"])

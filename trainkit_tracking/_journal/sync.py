@@ -1,37 +1,38 @@
-"""``sync``: send what dead processes left in the spool to their store, exactly once.
+"""``sync``: store what the journal holds, now, exactly once, and say what it did.
 
-Each spool file is locked first (files of live processes and of a concurrent ``sync``
-are skipped), and so is the store's sender lock (a sender process that is sending them
-has them). A record is marked done in the file's ack log right after the store took it;
-resending one whose mark was lost stores nothing twice, and a tag is only re-sent when
-no later record of the run sets it again, so a newer value is never reverted.
+For each store with entries in the spool dir, ``sync`` becomes its sender (it takes the
+store's sender lock and sends in the foreground, finishing the files of dead writers) or,
+when a live sender holds the lock, wakes it ("the store may be back: retry now") and
+watches its marks until everything is settled. Either way it returns once every entry is
+stored or set aside, or once the store has not answered for ``timeout`` seconds.
+``retry_set_aside`` also sends the set-aside log again (after a deleted run was restored,
+a file put back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainkit_tracking._core import env as _env
 from trainkit_tracking._core.redact import get_logger, redact_value
-from trainkit_tracking._journal.sender_lock import hold_lock
+from trainkit_tracking._journal import ledger as _ledger
+from trainkit_tracking._journal.delivery import StoreDown, deliver
+from trainkit_tracking._journal.sender import Sender
+from trainkit_tracking._journal.sender_lock import hold_lock, read_status
 from trainkit_tracking._journal.spool import (
-    AckLog,
-    Record,
     SpoolFile,
-    ack_path,
-    checksum,
     default_spool_dir,
-    read_lines,
     read_spool,
-    send_record,
     spool_paths,
-    try_lock,
     uri_id,
 )
-from trainkit_tracking._store.store import DEFAULT_TIMEOUT, Store, is_transient
+from trainkit_tracking._journal.wake import Waker
+from trainkit_tracking._store.store import DEFAULT_TIMEOUT, Store
 
 log = get_logger(__name__)
 
@@ -41,21 +42,27 @@ class SyncReport:
     """What ``sync`` did (or, with ``dry_run``, would do)."""
 
     dry_run: bool = False
-    files: int = 0  # spool files read
-    sent: int = 0  # records sent: batches, artifact uploads, run terminations
+    files: int = 0  # journal files read
+    sent: int = 0  # entries stored: batches, artifact uploads, run terminations
     metrics: int = 0
     params: int = 0
     tags: int = 0
     artifacts: int = 0
     terminated: int = 0
-    busy: int = 0  # files held by a live process or by another sync: left alone
-    sending: int = 0  # files a sender process is sending: left to it
+    busy: int = 0  # kept for compatibility: sync no longer leaves a live file alone
+    sending: int = 0  # files a live sender held: woken, and watched until settled
+    watched: int = 0  # entries that live sender stored while sync watched
     other_store: int = 0  # files of another tracking URI than the one asked for
     other_experiment: int = 0  # runs of another experiment than the one asked for
-    dropped: list[str] = field(default_factory=list)  # artifacts gone or changed on disk
-    errors: list[str] = field(default_factory=list)  # records not stored; sent by a later sync
-    refused: list[str] = field(default_factory=list)  # items the store refused for good
-    pending: int = 0  # unsent records left in the spool afterwards
+    dropped: list[str] = field(default_factory=list)  # kept for compatibility
+    errors: list[str] = field(default_factory=list)  # entries not stored; a later sync tries
+    refused: list[str] = field(default_factory=list)  # items set aside (store or local)
+    retried: int = 0  # set-aside entries stored by --retry-set-aside
+    pending: int = 0  # entries left in the journal afterwards
+
+    @property
+    def set_aside(self) -> list[str]:
+        return self.refused
 
     @property
     def ok(self) -> bool:
@@ -63,7 +70,7 @@ class SyncReport:
 
 
 def pending(spool_dir: Path | None = None) -> int:
-    """The number of spooled records (batches, uploads, terminations) not yet stored."""
+    """The number of journal entries (batches, uploads, terminations) not yet settled."""
     total = 0
     for path in spool_paths(spool_dir or default_spool_dir()):
         with contextlib.suppress(OSError):
@@ -72,21 +79,19 @@ def pending(spool_dir: Path | None = None) -> int:
 
 
 def _store_uri(spool: SpoolFile, tracking_uri: str | None, environ_uri: str | None) -> str | None:
-    """The real URI of a spool file's store, or None when it is not known here.
+    """The real URI of a journal file's store, or None when it is not known here.
 
     Headers keep the URI with its credentials masked, and an id of the real one: a URI
     given (``tracking_uri``, else ``MLFLOW_TRACKING_URI``) is used when its id matches.
     """
     for candidate in (tracking_uri, environ_uri):
-        if candidate and (
-            spool.uri_id == uri_id(candidate)
-            or (spool.uri_id is None and spool.tracking_uri == candidate)
-        ):
+        if candidate and spool.uri_id == uri_id(candidate):
             return candidate
     if (
         tracking_uri is None
         and spool.tracking_uri
-        and redact_value(spool.tracking_uri) == (spool.tracking_uri)
+        and redact_value(spool.tracking_uri) == spool.tracking_uri
+        and spool.uri_id == uri_id(spool.tracking_uri)
     ):
         return spool.tracking_uri  # nothing was masked: the header is the URI itself
     return None
@@ -100,213 +105,260 @@ def sync(
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retry_set_aside: bool = False,
 ) -> SyncReport:
-    """Send leftover spooled records to their store, exactly once.
+    """Store what the journal holds, exactly once (see the module docstring).
 
-    Each file is locked first: files of live processes and of a concurrent ``sync`` are
-    skipped. Records go to the store recorded in their file (``tracking_uri`` limits the
-    sync to that store, and is needed for a store whose URI holds credentials);
-    ``experiment`` (a name or id) limits it to that experiment's runs. A run's
-    termination is sent after all its data and only when none of that data failed;
-    items the store refuses for good are reported and never sent again. Every store
-    call waits at most ``timeout`` seconds.
+    ``tracking_uri`` limits the sync to that store (and is needed for a store whose URI
+    holds credentials); ``experiment`` (a name or id) to that experiment's runs. Returns
+    when everything is stored or set aside, or when a store has not answered for
+    ``timeout`` seconds (what is left stays for a later sync).
     """
     spool_dir = spool_dir or default_spool_dir()
     report = SyncReport(dry_run=dry_run)
-    held: list[tuple[int, SpoolFile, str]] = []
-    sender_locks: dict[str, int | None] = {}
-    acks: dict[int, AckLog] = {}
-    environ_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        for path in spool_paths(spool_dir):
-            # The store's sender lock first, then the file's: a sender process (or another
-            # sync) that holds the store keeps all of its files.
-            uid = _header_uri_id(path)
-            if uid is not None and not dry_run:
-                if uid not in sender_locks:
-                    sender_locks[uid] = hold_lock(spool_dir, uid)
-                if sender_locks[uid] is None:
-                    report.sending += 1
-                    continue
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except FileNotFoundError:  # finished and deleted meanwhile
-                continue
-            if not try_lock(fd):
-                os.close(fd)
-                report.busy += 1
-                continue
+    environ_uri = os.environ.get(_env.MLFLOW_TRACKING_URI)
+    stores: dict[str, tuple[str, list[SpoolFile]]] = {}
+    for path in spool_paths(spool_dir):
+        try:
             spool = read_spool(path)
-            report.files += 1
-            uri = _store_uri(spool, tracking_uri, environ_uri)
-            if spool.tracking_uri is None or spool.run_id is None:
-                report.errors.append(f"{path}: no header, not a trainkit spool file; left alone")
-            elif uri is None and tracking_uri is None and spool.pending:
-                report.errors.append(
-                    f"{path.name}: its store {spool.tracking_uri} has credentials in its URI, "
-                    "which the spool does not keep; pass it with --tracking-uri"
-                )
-            elif uri is None:
-                report.other_store += 1
-            else:
-                held.append((fd, spool, uri))
-                continue
-            os.close(fd)
-        runs: dict[tuple[str, str], list[SpoolFile]] = {}
-        for _, spool, uri in held:
-            runs.setdefault((uri, str(spool.run_id)), []).append(spool)
-        stores: dict[str, Store] = {}
-        if experiment is not None:
-            runs = _in_experiment(runs, experiment, stores, timeout, report)
-        total = sum(len(s.pending) for spools in runs.values() for s in spools)
-        done = 0
-        for (uri, run_id), spools in runs.items():
-            spools.sort(key=lambda sp: (sp.started, sp.path.name))
-            todo = [(s, r) for s in spools for r in s.pending]
-            todo.sort(key=lambda item: item[1]["t"] == "e")  # terminations last
-            later_tags = _later_tags(spools)
-            failed = False
-            for spool, record in todo:
-                done += 1
-                if record["t"] == "e" and failed:
-                    report.errors.append(
-                        f"run {run_id}: not ended as {record['status']} because some of its "
-                        "data was not stored"
-                    )
-                elif record["t"] == "a" and (reason := _artifact_problem(spool, record)):
-                    report.dropped.append(f"run {run_id}: artifact {record['src']!r} {reason}")
-                    if not dry_run:
-                        _ack(acks, spool).write({"t": "x", "n": record["n"], "why": reason})
-                        spool.done.add(record["n"])
-                elif dry_run:
+        except OSError:  # finished and deleted meanwhile
+            continue
+        report.files += 1
+        uri = _store_uri(spool, tracking_uri, environ_uri)
+        if spool.tracking_uri is None or spool.run_id is None or spool.uri_id is None:
+            report.errors.append(f"{path}: no header, not a trainkit journal file; left alone")
+        elif uri is None and tracking_uri is None and spool.pending:
+            report.errors.append(
+                f"{path.name}: its store {spool.tracking_uri} has credentials in its URI, "
+                "which the journal does not keep; pass it with --tracking-uri"
+            )
+        elif uri is None:
+            report.other_store += 1
+        else:
+            stores.setdefault(spool.uri_id, (uri, []))[1].append(spool)
+    total = sum(len(s.pending) for _, spools in stores.values() for s in spools)
+    done = [0]
+
+    def tick(count: int) -> None:
+        done[0] += count
+        if progress is not None and count:
+            progress(min(done[0], total), total)
+
+    for uid, (uri, spools) in stores.items():
+        if dry_run:
+            for spool in spools:
+                for record in spool.pending:
                     _count(report, record)
-                else:
-                    store = stores.setdefault(uri, Store(uri, timeout=timeout))
-                    skip = later_tags.get((id(spool), record["n"]), frozenset())
-                    try:
-                        refused = send_record(store, run_id, record, skip_tags=skip)
-                    except Exception as exc:
-                        failed = True
-                        report.errors.append(
-                            f"run {run_id}: {_what(record)} not stored: {redact_value(str(exc))}"
-                        )
-                        if is_transient(exc):  # the store is down: try this run another time
-                            break
-                        continue  # refused as a whole (a deleted run): kept for a later sync
-                    if refused:
-                        report.refused.extend(f"run {run_id}: {r}" for r in refused)
-                        _ack(acks, spool).write({"t": "r", "n": record["n"], "why": refused})
-                    else:
-                        _ack(acks, spool).write({"t": "d", "n": record["n"]})
-                        _count(report, record)
-                    spool.done.add(record["n"])
-                if progress is not None:
-                    progress(done, total)
-    finally:
-        for ack in acks.values():
-            ack.close()
-        for fd, _, _ in held:
-            os.close(fd)
-    # Unlocked first (Windows cannot delete an open file); a sync that locks one of these
-    # in between finds nothing pending in it.
-    for _, spool, _ in held:
-        if not dry_run and not spool.pending:
-            for path in (spool.path, ack_path(spool.path)):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-    for lock in sender_locks.values():
-        if lock is not None:
-            os.close(lock)
+                    tick(1)
+            continue
+        if any(s.pending for s in spools):
+            _sync_store(spool_dir, uid, uri, spools, experiment, timeout, report, tick)
+    if retry_set_aside and not dry_run:
+        _retry_set_aside(spool_dir, tracking_uri, environ_uri, timeout, report)
     report.pending = pending(spool_dir)
     return report
 
 
-def _ack(acks: dict[int, AckLog], spool: SpoolFile) -> AckLog:
-    return acks.setdefault(id(spool), AckLog(spool.path))
-
-
-def _header_uri_id(path: Path) -> str | None:
-    """The ``uri_id`` in a spool file's header (None for files written by 0.1)."""
-    header = read_lines(path, 0, 64 << 10)[0]
-    uid = header[0].get("uri_id") if header and header[0].get("t") == "h" else None
-    return uid if isinstance(uid, str) else None
-
-
-def _later_tags(spools: list[SpoolFile]) -> dict[tuple[int, int], frozenset[str]]:
-    """For each pending batch of a run: the tags that a later record of the run sets again.
-
-    Records are ordered by file (start time) and sequence number, done or not: a done
-    record set the newer value in the store already, and must not be reverted.
-    """
-    ordered = [(id(s), n, r) for s in spools for n, r in sorted(s.records.items())]
-    seen: set[str] = set()
-    result: dict[tuple[int, int], frozenset[str]] = {}
-    for file_id, n, record in reversed(ordered):
-        tags = set((record.get("g") or {}).keys()) if record["t"] == "b" else set()
-        if tags & seen:
-            result[(file_id, n)] = frozenset(tags & seen)
-        seen |= tags
-    return result
-
-
-def _in_experiment(
-    runs: dict[tuple[str, str], list[SpoolFile]],
-    experiment: str,
-    stores: dict[str, Store],
+def _sync_store(
+    spool_dir: Path,
+    uid: str,
+    uri: str,
+    spools: list[SpoolFile],
+    experiment: str | None,
     timeout: float,
     report: SyncReport,
-) -> dict[tuple[str, str], list[SpoolFile]]:
-    """The runs of ``runs`` that belong to experiment ``experiment`` (a name or an id)."""
-    kept: dict[tuple[str, str], list[SpoolFile]] = {}
-    wanted: dict[str, set[str]] = {}
-    for (uri, run_id), spools in runs.items():
-        store = stores.setdefault(uri, Store(uri, timeout=timeout))
-        if uri not in wanted:
-            wanted[uri] = {experiment}
+    tick: Callable[[int], None],
+) -> None:
+    shown = redact_value(uri)
+    accept = _experiment_filter(uri, experiment, timeout, report) if experiment else None
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = hold_lock(spool_dir, uid)
+        if fd is not None:
+            _send_in_foreground(spool_dir, uri, fd, accept, timeout, report, tick)
+            return
+        # A live sender has the store: wake it, and watch its marks.
+        report.sending += len(spools)
+        if _drive(spool_dir, uid, spools, deadline, report, tick):
+            return
+        if hold_lock_free(spool_dir, uid):
+            continue  # it ended meanwhile: finish the job ourselves
+        report.errors.append(
+            f"the sender of {shown} (pid {read_status(spool_dir, uid).get('pid')}) did not store "
+            f"everything within {timeout:.0f} s (the store does not answer?); it goes on "
+            "trying, and `trainkit-tracking doctor` shows how it fares"
+        )
+        return
+
+
+def _send_in_foreground(
+    spool_dir: Path,
+    uri: str,
+    fd: int,
+    accept: Callable[[str], bool] | None,
+    timeout: float,
+    report: SyncReport,
+    tick: Callable[[int], None],
+) -> None:
+    """``sync`` as the store's sender (it holds the lock ``fd``, and releases it)."""
+    sender = Sender(
+        spool_dir,
+        uri,
+        timeout=timeout,
+        mode="sync",
+        lock_fd=fd,
+        accept=accept,
+        on_settled=lambda: tick(1),
+    )
+    try:
+        finished = sender.run_until_done(timeout)
+    finally:
+        os.close(fd)
+    report.sent += sender.progress.stored
+    for key, count in sender.progress.counts.items():
+        setattr(report, key, getattr(report, key) + count)
+    report.refused.extend(sender.progress.set_aside)
+    if not finished:
+        left = sum(len(f.todo) for f in sender.files.values()) or "some"
+        report.errors.append(
+            f"{redact_value(uri)} did not answer for {timeout:.0f} s: {left} entries are left "
+            "in the journal; run `trainkit-tracking sync` again once it answers"
+        )
+
+
+def hold_lock_free(spool_dir: Path, uid: str) -> bool:
+    fd = hold_lock(spool_dir, uid)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _drive(
+    spool_dir: Path,
+    uid: str,
+    spools: list[SpoolFile],
+    deadline: float,
+    report: SyncReport,
+    tick: Callable[[int], None],
+) -> bool:
+    """Wake the live sender and watch until every entry of ``spools`` is settled."""
+    waker = Waker()
+    ledgers = [(spool, _ledger.Ledger(spool.path)) for spool in spools]
+    left = {(id(s), n) for s in spools for n in s.records if n not in s.done}
+    last_poke = 0.0
+    try:
+        while left:
+            now = time.monotonic()
+            if now - last_poke > 1.0:  # again: it may be in a backoff, or just started
+                port = read_status(spool_dir, uid).get("port")
+                waker.send(port if isinstance(port, int) else 0, "r")
+                last_poke = now
+            for spool, ledger in ledgers:
+                for settled in ledger.read_new():
+                    key = (id(spool), settled.seq)
+                    if key not in left:
+                        continue
+                    left.discard(key)
+                    tick(1)
+                    record = spool.records.get(settled.seq, {})
+                    if settled.whole:
+                        report.refused.extend(f"run {spool.run_id}: {w}" for w in settled.aside)
+                    else:
+                        report.watched += 1
+                        _count(report, record)
+                        report.refused.extend(f"run {spool.run_id}: {w}" for w in settled.aside)
+            if not left:
+                return True
+            if now > deadline or hold_lock_free(spool_dir, uid):
+                return False
+            waker.wait(0.2)
+        return True
+    finally:
+        waker.close()
+
+
+def _experiment_filter(
+    uri: str, experiment: str, timeout: float, report: SyncReport
+) -> Callable[[str], bool]:
+    """Whether a run belongs to ``experiment`` (a name or an id), asked once per run."""
+    store = Store(uri, timeout=timeout)
+    wanted = {experiment}
+    try:
+        found = store.find_experiment(experiment)
+    except Exception as exc:  # a store that is down: its runs are left for later
+        report.errors.append(f"{store.shown_uri}: {redact_value(str(exc))}")
+        found = None
+    if found is not None:
+        wanted.add(found.experiment_id)
+    answers: dict[str, bool] = {}
+
+    def accept(run_id: str) -> bool:
+        if run_id not in answers:
             try:
-                found = store.find_experiment(experiment)
-            except Exception as exc:  # a store that is down: its runs are left for later
-                report.errors.append(f"{store.shown_uri}: {redact_value(str(exc))}")
-                found = None
-            if found is not None:
-                wanted[uri].add(found.experiment_id)
-        try:
-            experiment_id = store.get_run(run_id).experiment_id
-        except Exception as exc:  # reported; the run is left for another sync
-            report.errors.append(
-                f"run {run_id}: cannot tell its experiment: {redact_value(str(exc))}"
+                answers[run_id] = store.get_run(run_id).experiment_id in wanted
+            except Exception as exc:  # reported; the run is left for another sync
+                report.errors.append(
+                    f"run {run_id}: cannot tell its experiment: {redact_value(str(exc))}"
+                )
+                return False
+            if not answers[run_id]:
+                report.other_experiment += 1
+        return answers[run_id]
+
+    return accept
+
+
+def _retry_set_aside(
+    spool_dir: Path,
+    tracking_uri: str | None,
+    environ_uri: str | None,
+    timeout: float,
+    report: SyncReport,
+) -> None:
+    """Send the set-aside log again: what is stored now leaves it, the rest stays."""
+    with _ledger.set_aside_lock(spool_dir):
+        entries = _ledger.read_set_aside(spool_dir)
+        keep = []
+        stores: dict[str, Store] = {}
+        for entry in entries:
+            uri = next(
+                (u for u in (tracking_uri, environ_uri) if u and uri_id(u) == entry.get("uri_id")),
+                None,
             )
-            continue
-        if experiment_id in wanted[uri]:
-            kept[(uri, run_id)] = spools
-        else:
-            report.other_experiment += 1
-    return kept
+            if (
+                uri is None
+                and entry.get("uri")
+                and uri_id(str(entry["uri"])) == entry.get("uri_id")
+            ):
+                uri = str(entry["uri"])
+            if uri is None:
+                keep.append(entry)
+                continue
+            store = stores.setdefault(uri, Store(uri, timeout=timeout))
+            try:
+                outcome = deliver(store, str(entry["run"]), dict(entry["record"]))
+            except StoreDown as exc:
+                report.errors.append(f"{store.shown_uri}: {exc}")
+                keep.append(entry)
+                continue
+            if outcome.aside:
+                keep.append({**entry, "why": outcome.aside[0].why})
+            else:
+                report.retried += 1
+                _count(report, dict(entry["record"]))
+        _ledger.rewrite_set_aside(spool_dir, keep)
 
 
-def _artifact_problem(spool: SpoolFile, record: Record) -> str | None:
-    src = Path(record["src"])
-    if not src.exists():
-        return "no longer exists"
-    expected = spool.checksums.get(record["n"])
-    if expected is not None and checksum(src) != expected:
-        return "changed since it was logged; not uploaded"
-    return None
-
-
-def _what(record: Record) -> str:
-    if record["t"] == "a":
-        return f"artifact {record['src']!r}"
-    return {"b": "batch", "e": "end"}.get(record["t"], "record") + f" #{record['n']}"
-
-
-def _count(report: SyncReport, record: Record) -> None:
-    report.sent += 1
-    if record["t"] == "b":
-        report.metrics += len(record.get("m", ()))
-        report.params += len(record.get("p", ()))
-        report.tags += len(record.get("g", ()))
-    elif record["t"] == "a":
+def _count(report: SyncReport, record: _ledger.Record) -> None:
+    kind = record.get("t")
+    if kind == "b":
+        report.metrics += len(record.get("m") or ())
+        report.params += len(record.get("p") or ())
+        report.tags += len(record.get("g") or ())
+    elif kind == "a":
         report.artifacts += 1
-    elif record["t"] == "e":
+    elif kind == "e":
         report.terminated += 1
+    if kind in ("b", "a", "e") and report.dry_run:
+        report.sent += 1

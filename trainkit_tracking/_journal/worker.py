@@ -1,8 +1,8 @@
-"""The background worker of a training process: call-site queues -> spool on disk.
+"""The background worker of a training process: call-site queues -> journal on disk.
 
-One worker per process serves every run: a spooler thread drains the queues into batches
-and appends them to each run's spool (fsync once per flush interval); the sender
-(``sender.py``, a process of its own) sends them, and an ack thread here reads its marks
+One worker per process serves every run: a spooler thread drains the queues into batches,
+appends them to each run's journal file and wakes the store's sender (``sender.py``, by
+default a process of its own); an ack thread here, woken by the sender, reads its marks
 to settle ``flush`` and ``end``. States: RUNNING -> DRAINING -> STOPPED, ended once by
 the exit path (``_process/hooks.py`` calls it).
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 from trainkit_tracking._core.redact import get_logger, warn
 from trainkit_tracking._journal.channel import POINT_BYTES, Barrier, Channel, read_settings
 from trainkit_tracking._journal.heartbeat import WAKE, Heartbeat
+from trainkit_tracking._journal.ledger import Record
 from trainkit_tracking._journal.sender_launch import Link
-from trainkit_tracking._journal.spool import Record
+from trainkit_tracking._journal.wake import Waker
 from trainkit_tracking._process import hooks
 
 log = get_logger(__name__)
@@ -35,9 +36,10 @@ class State(enum.Enum):
 class Worker:
     """The process-wide background worker serving every Channel of this process.
 
-    A spooler thread writes the queues to disk, an ack thread reads the sender's marks,
-    and a light thread per tracking URI sets the heartbeats (and sends what no spool
-    could keep), so that a store that is down holds back only its own runs.
+    A spooler thread writes the queues to the journal and wakes the store's sender; an
+    ack thread, woken by the sender, reads its marks and settles what waits on them; a
+    light thread per tracking URI sets the heartbeats (and sends what no journal could
+    keep), so that a store that is down holds back only its own runs.
     """
 
     def __init__(self) -> None:
@@ -47,10 +49,11 @@ class Worker:
         self._channels: list[Channel] = []
         self.lock = threading.Lock()
         self._kick = threading.Event()
-        self._ack_kick = threading.Event()
-        self._senders: dict[str, Heartbeat] = {}
+        self.waker = Waker()  # the sender's marks wake the ack thread here
+        self._beats: dict[str, Heartbeat] = {}
         self._links: dict[tuple[Path, str], Link] = {}
-        self.mode, self.linger, memory_mb = read_settings(os.environ)
+        self._woken: dict[Path, float] = {}  # journal file -> when its sender was last woken
+        _, _, memory_mb = read_settings(os.environ)  # validated here: a bad value fails early
         self.max_memory_points = memory_mb * (1 << 20) // POINT_BYTES
         for name, loop in (
             ("trainkit-spooler", self._spool_loop),
@@ -63,8 +66,8 @@ class Worker:
             if channel in self._channels:
                 return
             self._channels.append(channel)
-        if channel.heartbeat_on:  # wake the sender to take its heartbeat schedule into account
-            self.sender(channel).outbox.put(WAKE)
+        if channel.heartbeat_on:  # wake the heartbeat to take its schedule into account
+            self.heartbeat(channel).outbox.put(WAKE)
 
     def unregister(self, channel: Channel) -> None:
         with contextlib.suppress(ValueError):
@@ -77,61 +80,65 @@ class Worker:
         with self.lock:
             return [c for c in self._channels if uri is None or c.tracking_uri == uri]
 
-    def sender(self, channel: Channel) -> Heartbeat:
+    def heartbeat(self, channel: Channel) -> Heartbeat:
         with self.lock:
-            sender = self._senders.get(channel.tracking_uri)
-            if sender is None:
-                sender = Heartbeat(
+            beat = self._beats.get(channel.tracking_uri)
+            if beat is None:
+                beat = Heartbeat(
                     channel.tracking_uri,
                     channel.timeout,
                     channels=self.channels,
                     settled=self._maybe_close,
                 )
-                self._senders[channel.tracking_uri] = sender
-            return sender
+                self._beats[channel.tracking_uri] = beat
+            return beat
 
     def link(self, channel: Channel) -> Link:
         key = (channel.spool_dir, channel.tracking_uri)
         with self.lock:
             link = self._links.get(key)
             if link is None:
+                # Read now, not when the worker started: a store's sender is decided when
+                # this process first journals for it.
+                mode, linger, _ = read_settings(os.environ)
                 link = Link(
                     channel.spool_dir,
                     channel.tracking_uri,
                     timeout=channel.timeout,
-                    linger=self.linger,
-                    mode=self.mode,
-                    own_paths=lambda: self._own_paths(key),
+                    linger=linger,
+                    mode=mode,
                 )
                 self._links[key] = link
             return link
 
-    def _own_paths(self, key: tuple[Path, str]) -> set[Path]:
-        """The spool files this process writes for one spool dir and store."""
-        paths = set()
-        for channel in self.channels(key[1]):
-            writer = channel.writer
-            if channel.spool_dir == key[0] and writer is not None and writer.path is not None:
-                paths.add(writer.path)
-        return paths
-
     def store_down(self, channel: Channel) -> bool:
-        sender = self.sender(channel)
-        if sender.down or sender.outage_waited:
+        beat = self.heartbeat(channel)
+        if beat.down or beat.outage_waited:
             return True
         return channel.in_file > 0 and bool(self.link(channel).status().get("down"))
 
-    # Spooling ------------------------------------------------------------------
+    # Spooling --------------------------------------------------------------------
 
     def _spool_loop(self) -> None:
         while not self._stop.is_set():
             tick = min((c.flush_interval for c in self.channels()), default=1.0)
-            self._kick.wait(max(tick, 0.001))
+            kicked = self._kick.wait(max(tick, 0.001))
             self._kick.clear()
             try:
                 self.spool_once()
+                if not kicked:  # once per flush interval: onto the disk itself
+                    self._sync_to_disk()
             except Exception:  # the worker must never die; the data stays queued
                 log.exception("trainkit-tracking spooler failed; retrying")
+
+    def _sync_to_disk(self) -> None:
+        for channel in self.channels():
+            writer = channel.writer
+            if writer is not None and channel.spool_ok and channel.pid == os.getpid():
+                try:
+                    writer.sync_to_disk()
+                except OSError as exc:
+                    channel.spool_failed(exc)
 
     def spool_once(self) -> None:
         staged: list[tuple[Channel, list[Record], list[Record], list[Barrier]]] = []
@@ -144,52 +151,45 @@ class Worker:
                 barriers = [b for b in out if isinstance(b, Barrier)]
                 channel.unsettled.update(r["n"] for r in records)
                 channel.barriers.extend(barriers)
-                in_file: list[Record] = []
-                if records and channel.spool_ok:
-                    if channel.writer is None or channel.writer.closed:
-                        channel.open_writer()
-                    if channel.writer is not None and channel.spool_ok:
-                        try:
-                            channel.writer.append(records)
-                            in_file = records
-                        except OSError as exc:
-                            channel.spool_failed(exc)
+                refused = channel.append(records) if records else []
+                in_file = [] if refused is not None else records
                 channel.in_file += len(in_file)
-                in_memory = [] if in_file else self._hold(channel, records)
+                in_memory = self._hold(channel, refused) if refused else []
                 staged.append((channel, in_file, in_memory, barriers))
-        for channel, in_file, _, _ in staged:
-            if in_file and channel.writer is not None and channel.spool_ok:
-                try:
-                    channel.writer.sync_to_disk()
-                except OSError as exc:
-                    channel.spool_failed(exc)
-        # A record is on disk before anything sends it.
+        # An entry is in the journal before anything sends it; the sender is woken at once
+        # (fsync is the periodic pass's: a flush waits for the store, not for the disk).
         for channel, in_file, in_memory, barriers in staged:
             for barrier in barriers:
                 barrier.spooled.set()
             if in_file:
-                self.link(channel).ensure()
+                self._wake_sender(channel)
             if in_memory:
-                outbox = self.sender(channel).outbox
+                outbox = self.heartbeat(channel).outbox
                 for record in in_memory:
                     outbox.put((channel, record))
             with channel.lock:
                 channel.release()
-        if staged:
-            self._ack_kick.set()
+
+    def _wake_sender(self, channel: Channel) -> None:
+        link = self.link(channel)
+        link.ensure()
+        writer = channel.writer
+        if writer is not None and writer.path is not None:
+            link.wake(self.waker, writer.path.name)
+            self._woken[writer.path] = time.monotonic()
 
     def _hold(self, channel: Channel, records: list[Record]) -> list[Record]:
-        """Records no spool keeps, sent from memory: bounded, the excess is dropped."""
+        """Entries no journal keeps, sent from memory: bounded, the excess is dropped."""
         kept = []
         for record in records:
             points = len(record.get("m", ())) if record["t"] == "b" else 0
             if points and channel.memory_points + points > self.max_memory_points:
                 channel.dropped += points
                 channel.unsettled.discard(record["n"])
-                channel.failed += 1
+                channel.aside.add(record["n"])
                 if channel.dropped == points:
                     warn(
-                        f"run {channel.run_id}: the store does not answer and the spool cannot "
+                        f"run {channel.run_id}: the store does not answer and the journal cannot "
                         f"be written, so unsent points are held in memory up to "
                         f"TRAINKIT_MAX_MEMORY_MB; beyond it they are dropped (from now on)"
                     )
@@ -198,7 +198,7 @@ class Worker:
             kept.append(record)
         return kept
 
-    # Acknowledgements ----------------------------------------------------------
+    # Acknowledgements ------------------------------------------------------------
 
     def _ack_loop(self) -> None:
         while not self._stop.is_set():
@@ -207,74 +207,76 @@ class Worker:
                 waiting = self.poll_acks()
             except Exception:
                 log.exception("trainkit-tracking could not read the sender's marks; retrying")
-            self._ack_kick.wait(0.005 if waiting else 0.2)
-            self._ack_kick.clear()
+            # Woken by the sender's marks; the timeout only covers a lost wake-up.
+            self.waker.wait(0.1 if waiting else 0.5)
 
     def poll_acks(self) -> bool:
-        """Settle what the sender marked; returns whether a wait is pending on a mark."""
+        """Settle what the sender marked; returns whether a flush waits on a mark."""
         waiting = False
+        now = time.monotonic()
         for channel in self.channels():
             if not channel.in_file:
                 self._maybe_close(channel)
                 continue
             stored = False
-            for mark in channel.read_acks():
-                kind, seq = mark.get("t"), int(mark.get("n", 0))
-                if kind == "r":
-                    channel.warn_refused([str(w) for w in mark.get("why", ())])
-                elif kind == "k":
-                    what = str(mark.get("what") or "a record")
-                    channel.warn_kept(what, "; ".join(str(w) for w in mark.get("why", ())))
-                elif kind != "d":
-                    continue
-                stored = stored or kind == "d"
-                channel.settle(seq, ok=kind == "d", in_file=True, kept=kind == "k")
+            for settled in channel.read_marks():
+                if not settled.ok:
+                    channel.warn_aside(settled)
+                stored = stored or settled.ok
+                channel.settle(settled.seq, ok=settled.ok, in_file=True)
             if stored:
-                self.sender(channel).outage_waited = False
+                self.heartbeat(channel).outage_waited = False
             if channel.in_file:
-                self.link(channel).ensure()  # a sender that died is started again
-                waiting = waiting or bool(channel.barriers)
+                link = self.link(channel)
+                link.ensure()  # a sender that died is started again
+                writer = channel.writer
+                if channel.barriers and writer is not None and writer.path is not None:
+                    waiting = True
+                    if now - self._woken.get(writer.path, 0.0) > 0.5:
+                        self._wake_sender(channel)  # a lost wake-up, or a new sender
             self._maybe_close(channel)
         return waiting
 
     def _maybe_close(self, channel: Channel) -> None:
-        """Close an ended run's spool once everything is settled and delete it."""
+        """Close an ended run's journal once everything is settled, and delete it."""
         with self.lock, channel.lock:
             if not channel.ended or channel.queue or channel.unsettled:
                 return
             if channel.writer is not None and channel.pid == os.getpid():
+                if channel.writer.path is not None:
+                    self._woken.pop(channel.writer.path, None)
                 try:
-                    channel.writer.close(delete=False)  # deleted: nothing in it is unsent
+                    channel.writer.close(delete=False)  # deleted: nothing in it is unsettled
                 except OSError as exc:
-                    log.debug("closing the spool of run %s: %s", channel.run_id, exc)
+                    log.debug("closing the journal of run %s: %s", channel.run_id, exc)
             self.unregister(channel)
 
-    # Waiting -------------------------------------------------------------------
+    # Waiting ---------------------------------------------------------------------
 
     def wait(
         self, channel: Channel, barrier: Barrier, timeout: float | None, *, ending: bool = False
     ) -> bool:
-        """Wait for ``barrier``: True once stored, False at ``timeout``.
+        """Wait for ``barrier``: its ``ok`` once settled, False at ``timeout``.
 
         ``ending`` (a run's end, the exit path): while the store is down, only the first
         such wait pays its timeout; later ones (the runs of a nested ``with`` exiting one
-        by one) return once their records are on disk, so that ending N runs never takes
+        by one) return once their entries are on disk, so that ending N runs never takes
         N timeouts. An explicit ``flush(timeout)`` always waits as asked.
         """
-        sender = self.sender(channel)
+        beat = self.heartbeat(channel)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if ending and sender.outage_waited:
+        if ending and beat.outage_waited:
             barrier.spooled.wait(_remaining(deadline, cap=channel.flush_interval + 1.0))
-            if sender.outage_waited:
+            if beat.outage_waited:
                 return barrier.event.is_set() and barrier.ok
         if barrier.event.wait(_remaining(deadline)):
             return barrier.ok
         if ending:
-            sender.outage_waited = True  # until the sender stores something again
+            beat.outage_waited = True  # until the sender stores something again
         return False
 
     def drain(self, deadline: float) -> bool:
-        """Wait until ``deadline`` for what is pending to be stored; delete stored spools."""
+        """Wait until ``deadline`` for what is pending to be stored."""
         waits = []
         for channel in self.channels():
             barrier = Barrier()
@@ -284,13 +286,13 @@ class Worker:
         ok = True
         for channel, barrier in waits:
             self.wait(channel, barrier, max(0.0, deadline - time.monotonic()), ending=True)
-            ok = ok and barrier.event.is_set()  # refused items were warned about already
+            ok = ok and barrier.event.is_set()  # set-aside items were warned about already
         return ok
 
     def shutdown(self, deadline: float) -> bool:
         """DRAINING until ``deadline`` (or all is stored), then STOPPED: the one exit path.
 
-        What is left stays in the spool, where the sender process goes on sending it."""
+        What is left stays in the journal, where the sender goes on sending it."""
         if self.state is not State.RUNNING:
             return True
         self.state = State.DRAINING
@@ -302,18 +304,18 @@ class Worker:
             self.state = State.STOPPED
             self._stop.set()
             self._kick.set()
-            self._ack_kick.set()
             with self.lock:
-                senders = list(self._senders.values())
+                beats = list(self._beats.values())
                 links = list(self._links.values())
-            for sender in senders:
-                sender.stop()
+            for beat in beats:
+                beat.stop()
             for link in links:
                 link.stop()
             for channel in self.channels():
                 if channel.writer is not None and channel.pid == os.getpid():
                     with contextlib.suppress(OSError):
                         channel.writer.close(delete=not channel.unsettled)
+            self.waker.close()
         return ok
 
 
@@ -351,14 +353,17 @@ def shutdown_worker(deadline: float) -> bool:
     if worker is None or worker.pid != os.getpid():
         return True
     spool_dirs = sorted({str(c.spool_dir) for c in worker.channels()})
+    with worker.lock:
+        processes = [link for link in worker._links.values() if link.mode == "process"]
     ok = worker.shutdown(deadline)
     if not ok:
         where = f"the rest is in the spool ({', '.join(spool_dirs)})"
-        if worker.mode == "process":
+        if processes:
+            linger = max(link.linger for link in processes)
             how = (
                 "the sender process sends it once the store answers (for up to "
-                f"{worker.linger:.0f} s); after that, or if the machine goes away first, "
-                "send it with `trainkit-tracking sync`"
+                f"{linger:.0f} s); after that, or if the machine goes away first, "
+                "`trainkit-tracking sync` sends it"
             )
         else:
             how = "send it with `trainkit-tracking sync`"
@@ -374,8 +379,11 @@ def _drain_at_exit(status: str, deadline: float) -> None:
 
 
 def _after_fork_in_child() -> None:
-    # A fork copies neither threads nor ownership of held locks: start afresh.
+    # A fork copies neither threads nor ownership of held locks: start afresh (and close
+    # the parent's wake-up socket, which is the parent's).
     global _worker, _worker_lock
+    if _worker is not None:
+        _worker.waker.close()
     _worker, _worker_lock = None, threading.Lock()
 
 

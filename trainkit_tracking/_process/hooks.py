@@ -1,8 +1,15 @@
-"""Every process-wide hook of the package, installed in one place: ``atexit``, the SIGTERM
-handler, ``sys.excepthook`` and the fork handlers.
+"""Every process-wide hook of the package, installed in one place, once per interpreter:
+``atexit``, the SIGTERM handler, ``sys.excepthook``, the fork handlers, and (Python 3.12+)
+a ``sys.monitoring`` watch on the main module.
 
 Other modules never install a hook themselves: they register what must happen at exit
-(``on_exit``) or in a forked child (``on_fork``), and this module calls it.
+(``on_exit``) or in a forked child (``on_fork``), and this module calls it. The status a
+dying process gives its runs comes from how it really ends: an uncaught exception
+(``sys.excepthook``), SIGTERM, Ctrl-C, or a ``SystemExit`` that leaves the main module
+(seen by ``sys.monitoring`` on Python 3.12+; on older Pythons the exit code is not visible
+to an exit hook, and a plain run ends FINISHED: docs/failures.md). ``sys.exit`` is never
+wrapped, so a caught ``SystemExit``, one raised in a thread or in a forked child, changes
+nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +62,6 @@ class _State:
         self.exit_timeout = DEFAULT_EXIT_TIMEOUT
         self.on_exit: list[tuple[int, ExitCallback]] = []
         self.previous_excepthook: Callable[..., Any] | None = None
-        self.previous_exit: Callable[..., Any] | None = None
         self.warned = False
 
 
@@ -64,9 +70,10 @@ _FORK_CALLBACKS: list[Callable[[], None]] = []
 
 
 def install() -> None:
-    """Install the hooks once per process (again in a forked child)."""
+    """Install the hooks, once per interpreter (a forked child keeps them, never wraps
+    them twice)."""
     with STATE.lock:
-        if STATE.installed_pid != os.getpid():
+        if STATE.installed_pid is None:
             _install()
 
 
@@ -108,10 +115,7 @@ def _install() -> None:
     STATE.status = None
     STATE.previous_excepthook = sys.excepthook
     sys.excepthook = _excepthook
-    # sys.exit is wrapped only to learn the exit code a plain (non-`with`) run should end
-    # with: atexit handlers are not told it. The wrapper calls the original unchanged.
-    STATE.previous_exit = sys.exit
-    sys.exit = _exit  # type: ignore[assignment]
+    _watch_main_module()
     if threading.current_thread() is threading.main_thread():
         try:
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
@@ -129,22 +133,59 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _excepthook(
     exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
 ) -> None:
-    STATE.status = exit_status(exc)
-    previous = STATE.previous_excepthook or sys.__excepthook__
+    if threading.current_thread() is threading.main_thread():
+        STATE.status = exit_status(exc)
+    previous = STATE.previous_excepthook
+    if previous is None or previous is _excepthook:
+        previous = sys.__excepthook__
     previous(exc_type, exc, tb)
 
 
-def _exit(code: object = None) -> None:
-    error = SystemExit(code)
-    if STATE.status is None:
-        STATE.status = exit_status(error)
-    assert STATE.previous_exit is not None
-    STATE.previous_exit(code)
+_TOOL_NAME = "trainkit-tracking"
+
+
+def _main_module_code() -> Any | None:
+    """The code object of the main module's body (a script, or ``python -m``), if any."""
+    main = sys.modules.get("__main__")
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is getattr(main, "__dict__", 0):
+            return frame.f_code
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _watch_main_module() -> None:
+    """Python 3.12+: learn the code of a ``SystemExit`` that leaves the main module.
+
+    A PY_UNWIND callback sees every frame that an exception leaves; it looks only for the
+    main module's own frame, which only an uncaught exception leaves that way.
+    """
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None or threading.current_thread() is not threading.main_thread():
+        return
+    code = _main_module_code()
+    if code is None:  # a notebook, an embedded interpreter: nothing ends "the script"
+        return
+    for tool in (4, 3):  # the ids Python leaves free for tools like this one
+        try:
+            monitoring.use_tool_id(tool, _TOOL_NAME)
+        except ValueError:
+            continue
+
+        def unwound(unwound_code: Any, offset: int, exc: BaseException) -> Any:
+            if unwound_code is code and isinstance(exc, SystemExit):
+                STATE.status = STATE.status or exit_status(exc)
+            return None
+
+        monitoring.register_callback(tool, monitoring.events.PY_UNWIND, unwound)
+        monitoring.set_events(tool, monitoring.events.PY_UNWIND)
+        return
 
 
 def _at_exit() -> None:
-    if STATE.installed_pid != os.getpid():
-        return  # a forked child inherited the hook; its own exit is handled in the journal
+    # Also in a forked child (the hook is inherited): its callbacks are its own, registered
+    # since the fork (its journal's drain); the parent's were dropped at the fork.
     status = STATE.status or "FINISHED"
     deadline = time.monotonic() + STATE.exit_timeout
     with STATE.lock:
@@ -157,8 +198,12 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
+    # The hooks stay installed (a child never wraps them twice); what the parent was
+    # dying of and what it must do at exit are the parent's.
     STATE.lock = threading.RLock()
     STATE.on_exit = []
+    STATE.status = None
+    STATE.warned = False
     # A forked child never keeps the parent's SIGTERM handler: a signal that reaches a
     # child between fork() and Python's re-initialisation is dropped for Python-level
     # handlers, and a Pool.terminate() then waits forever for a worker that never heard it.

@@ -4,6 +4,7 @@ job's run, or attach to the run a parent process handed over."""
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,9 @@ from trainkit_tracking._process import rank as _rank
 from trainkit_tracking._runs import exit as _exit
 from trainkit_tracking._runs import handover as _handover
 from trainkit_tracking._runs import shared as _shared
+from trainkit_tracking._runs.other_ranks import NoopRun
 from trainkit_tracking._runs.resolve import Resolution
-from trainkit_tracking._runs.run import NoopRun, Run, RunOwner
+from trainkit_tracking._runs.run import Run, RunOwner
 from trainkit_tracking._store import azure as _azure
 from trainkit_tracking._store.store import RunRecord
 from trainkit_tracking._store.versions import Versions
@@ -157,7 +159,9 @@ def _new_record(
         tags = tags | {keys["push_to"]: push_to}
     if remote_parent is not None:
         tags = tags | {keys["remote_parent_id"]: remote_parent}
-    record = store.create_run(experiment_id, name, tags)
+    tags = tags | {keys["create_token"]: secrets.token_hex(16)}
+    _check_storable(name, tags)
+    record = store.create_run(experiment_id, name, tags, token_tag=keys["create_token"])
     if push_to is not None:
         _exit.created_offline(tracker.tracking_uri)
     policy = tracker.policy
@@ -192,6 +196,19 @@ def _named_tags(
         keys["run_spec"]: _handover.spec_identity_json(spec),
     }
     return tags, name
+
+
+def _check_storable(name: str, tags: TagSet) -> None:
+    """What every store can take at creation: PostgreSQL-backed stores refuse a NUL
+    character (after a long wait for MLflow's retries), and a run's identity with one is a
+    mistake anywhere, so it is said here, before any store call."""
+    for key, value in {"the run name": name, **{f"tag {k!r}": v for k, v in tags.items()}}.items():
+        if "\x00" in value:
+            raise TrackingError(
+                f"{key} has a NUL character (\\x00) in {value[:100]!r}; remove it from the "
+                "spec (its tags, model, study name...): tag values are text, and "
+                "PostgreSQL-backed stores refuse NUL"
+            )
 
 
 def spec_tags(tracker: Tracker, spec: RunSpec) -> TagSet:

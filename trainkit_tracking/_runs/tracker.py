@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from trainkit_tracking._core import env as _env
 from trainkit_tracking._core.naming import NamingPolicy
 from trainkit_tracking._core.platform import Platform, detect_platform
-from trainkit_tracking._core.redact import redact_value
+from trainkit_tracking._core.redact import redact_value, scrub_chain
 from trainkit_tracking._core.spec import Lineage, RunSpec
 from trainkit_tracking._core.tag_keys import TagKeys
 from trainkit_tracking._core.tags import TagSet
@@ -27,6 +28,23 @@ from trainkit_tracking._runs.run import Run
 from trainkit_tracking._store.store import DEFAULT_TIMEOUT, Store
 from trainkit_tracking._store.versions import Versions
 from trainkit_tracking.errors import TrackingWarning
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _scrubbed(method: Callable[P, R]) -> Callable[P, R]:
+    """A public call: no credential in what it raises, its chained errors included."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            scrub_chain(exc)
+            raise
+
+    return wrapper
 
 
 class Tracker:
@@ -211,6 +229,7 @@ class Tracker:
             self._warned.add(topic)
             warnings.warn(redact_value(message), TrackingWarning, stacklevel=3)
 
+    @_scrubbed
     def setup(self) -> tuple[str, str]:
         """Resolve the tracking URI, create the experiment if needed; returns (uri, experiment id).
 
@@ -235,6 +254,7 @@ class Tracker:
         """The non-zero-rank side of a collective start_run/child/attach."""
         return _create.noop(self, spec)
 
+    @_scrubbed
     def start_run(
         self, spec: RunSpec, *, parent: Run | str | None = None, resume: bool = False
     ) -> Run:
@@ -257,16 +277,19 @@ class Tracker:
 
     # Handover ----------------------------------------------------------------------
 
+    @_scrubbed
     def attach(self) -> Run:
         """In a subprocess: join the run handed over through the environment, or create its child."""
         return _create.collective(self, lambda: _create.attach(self), None)
 
     # Queries -------------------------------------------------------------------------
 
+    @_scrubbed
     def find(self, spec: RunSpec) -> list[str]:
         """Ids of the runs in the experiment with the same identity, newest first."""
         return [record.run_id for record in _create.find_records(self, spec)]
 
+    @_scrubbed
     def lineage(self, run_id: str) -> Lineage:
         """The lineage a final_training run trained from this HPO trial/refit/sweep should carry."""
 

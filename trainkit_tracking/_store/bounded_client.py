@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
-from trainkit_tracking._core.redact import get_logger, redact_value
+from trainkit_tracking._core.redact import get_logger, redact_value, scrub_chain, warn
 from trainkit_tracking._process import bounded as _timeout
 from trainkit_tracking._process.file_lock import try_lock
 from trainkit_tracking.errors import StoreUnavailableError
@@ -30,6 +31,8 @@ C = TypeVar("C")
 DEFAULT_TIMEOUT = 30.0
 # A refused connection is retried this long (a server restarting), then reported.
 REFUSED_GRACE = 3.0
+# After this long without an answer, a call in the foreground says what it waits for.
+WAIT_NOTICE = 5.0
 # Creating a fresh sqlite schema takes ~6 s; processes queue for it behind a lock.
 SQLITE_INIT_TIMEOUT = 300.0
 _TRANSIENT_CODES = frozenset(
@@ -45,6 +48,12 @@ _TRANSIENT_TEXT = (
     "too many requests",
     "service unavailable",
     "bad gateway",
+    "502 error responses",
+    "503 error responses",
+    "504 error responses",
+    "429 error responses",
+    "unable to open database",
+    "disk i/o error",
 )
 # Azure's SDK errors that mean "the network or service did not answer" (azure.core.exceptions).
 _AZURE_TRANSIENT = frozenset(
@@ -58,18 +67,59 @@ def error_code(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+# errno values of a network that is down or refusing: anything else an OSError carries
+# (ENOENT, EACCES, EISDIR, EEXIST, ENOSPC...) is this machine failing one file.
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ETIMEDOUT",
+        "EPIPE",
+        "EADDRNOTAVAIL",
+    )
+    if hasattr(errno, name)
+)
+_NETWORK_MODULES = ("requests.", "urllib3.", "http.client", "ssl", "socket")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the network or the server did not answer (not what it answered)."""
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
+        return True
+    return any(
+        cls.__module__.startswith(_NETWORK_MODULES) and cls.__name__ != "HTTPError"
+        for cls in type(exc).__mro__
+        if cls not in (OSError, Exception, BaseException, object)
+    )
+
+
+def is_local_file_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is this machine failing a file (missing, unreadable, a name clash)."""
+    return isinstance(exc, OSError) and not is_network_error(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the call that raised ``exc`` may succeed (store busy, down or slow).
 
     Everything else is a permanent refusal (a bad or conflicting value, a missing run, a
-    value the database cannot encode): retrying it would block what comes after it.
+    value the database cannot encode, a local file that is missing): retrying it would
+    only delay the error.
     """
     if isinstance(exc, StoreUnavailableError):
         return True
     if isinstance(exc, (UnicodeError, ValueError, TypeError)) and error_code(exc) is None:
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+    if is_network_error(exc):
         return True
+    if isinstance(exc, OSError):
+        return False  # a local file error: another try finds the same file
     if {cls.__name__ for cls in type(exc).__mro__} & _AZURE_TRANSIENT:
         return True
     code = error_code(exc)
@@ -77,9 +127,13 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if code is not None and code != "INTERNAL_ERROR":
         return False
-    # INTERNAL_ERROR (or no code): a database that is locked or gone is worth a retry; a
-    # value it cannot encode ("surrogates not allowed") is not.
     text = str(exc).lower()
+    if "500 error responses" in text:
+        # The server failed on this very request every time it was asked (MLflow's own
+        # retries): it answers, so retrying the same request will not help.
+        return False
+    # INTERNAL_ERROR (or no code): a database that is locked or gone is worth a retry; a
+    # value it cannot encode ("surrogates not allowed", a NUL on PostgreSQL) is not.
     return any(fragment in text for fragment in _TRANSIENT_TEXT)
 
 
@@ -200,17 +254,50 @@ class BoundedClient(abc.ABC, Generic[C]):
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _call(self, call: Callable[[], T], *, what: str, timeout: float | None = None) -> T:
+    def _call(
+        self,
+        call: Callable[[], T],
+        *,
+        what: str,
+        timeout: float | None = None,
+        retry: Callable[[], T] | None = None,
+        on_late: Callable[[T], None] | None = None,
+    ) -> T:
+        """``_bounded_call`` (below), with credentials masked in whatever it raises."""
+        try:
+            return self._bounded_call(
+                call, what=what, timeout=timeout, retry=retry, on_late=on_late
+            )
+        except Exception as exc:
+            scrub_chain(exc)
+            raise
+
+    def _bounded_call(
+        self,
+        call: Callable[[], T],
+        *,
+        what: str,
+        timeout: float | None = None,
+        retry: Callable[[], T] | None = None,
+        on_late: Callable[[T], None] | None = None,
+    ) -> T:
         """The one door to MLflow: ``call`` bounded by the deadline, transient errors retried.
 
         MLflow's own HTTP retries run inside the bounded call, so they end at the deadline
-        too. A permanent error is raised at once, as MLflow raised it.
+        too; while the call is out, an http store's port is probed every second, so that a
+        store that died (its port refusing) is given up on within seconds. A permanent
+        error is raised at once, as MLflow raised it. ``retry``: what to call instead of
+        ``call`` the second time (a creation looks for what the first try may have made);
+        ``on_late``: what to do with an answer that came after the caller gave up.
         """
-        client = self.client  # opened outside the deadline (see the property)
-        assert client is not None
+        # The time waited that messages state starts now; the deadline starts once the
+        # client is open (importing mlflow takes seconds and waits on no network).
         started = time.monotonic()
-        deadline = started + (self.timeout if timeout is None else timeout)
+        client = self.client
+        assert client is not None
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.05
+        attempt = call
         while True:
             # The background sender (retries=False) checks before every call: MLflow's own
             # retries of a refused connection would otherwise hold it for the whole bound.
@@ -218,10 +305,19 @@ class BoundedClient(abc.ABC, Generic[C]):
                 self._probe(what, started, deadline)
             remaining = deadline - time.monotonic()
             try:
-                return _timeout.bounded(call, timeout=remaining, what=what)
+                return _timeout.bounded(
+                    attempt,
+                    timeout=remaining,
+                    what=what,
+                    watch=self._watcher(what, started, deadline),
+                    on_late=on_late,
+                )
             except _timeout.Abandoned as exc:
                 self._reachable = _http_address(self.tracking_uri) is None
                 raise self._unavailable(what, time.monotonic() - started, "no answer") from exc
+            except StoreUnavailableError:
+                self._reachable = False
+                raise
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -232,6 +328,39 @@ class BoundedClient(abc.ABC, Generic[C]):
                 log.debug("retrying %s after a transient error: %s", what, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                attempt = retry or call
+
+    def _watcher(
+        self, what: str, started: float, deadline: float
+    ) -> Callable[[float], None] | None:
+        """While a call is out: probe an http store's port (a refused port for
+        ``REFUSED_GRACE`` seconds gives up), and say once, after ``WAIT_NOTICE`` seconds,
+        what is awaited and for how long at most."""
+        address = _http_address(self.tracking_uri)
+        refused_since: list[float] = []
+        told: list[bool] = []
+
+        def watch(waited: float) -> None:
+            now = time.monotonic()
+            if address is not None:
+                try:
+                    probe(self.tracking_uri, min(1.0, max(deadline - now, 0.01)))
+                    refused_since.clear()
+                except ConnectionRefusedError as exc:
+                    refused_since.append(now)
+                    if now - refused_since[0] >= REFUSED_GRACE:
+                        raise self._unavailable(what, now - started, "connection refused") from exc
+                except OSError:  # a slow or silent network: the deadline decides
+                    pass
+            if self.retries and waited >= WAIT_NOTICE and not told:
+                told.append(True)
+                warn(
+                    f"waiting for the tracking store {self.shown_uri} to answer {what} "
+                    f"({waited:.0f} s so far, at most {deadline - started:.0f} s: "
+                    "Tracker(timeout=...) / TRAINKIT_TIMEOUT)"
+                )
+
+        return watch
 
     @abc.abstractmethod
     def _open_client(self) -> C:

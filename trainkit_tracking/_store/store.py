@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from trainkit_tracking._core.redact import get_logger
-from trainkit_tracking._store import sql_tables
+from trainkit_tracking._store import creation, sql_tables
 
 # Re-exported: the logger, the sender and sync import them from here.
 from trainkit_tracking._store.bounded_client import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
@@ -163,15 +163,16 @@ class Store(BoundedClient["MlflowClient"]):
         run_name: str,
         tags: Mapping[str, str],
         start_time: int | None = None,
+        *,
+        token_tag: str | None = None,
     ) -> RunRecord:
-        """A new run; ``start_time`` (ms) None: now (push keeps the source run's)."""
-        run = self._call(
-            lambda: self.client.create_run(
-                experiment_id, start_time=start_time, tags=dict(tags), run_name=run_name
-            ),
-            what="create_run",
-        )
-        return record_of(run)
+        """A new run; ``start_time`` (ms) None: now (push keeps the source run's).
+
+        ``token_tag``: the tag (in ``tags``) whose unique value makes the creation
+        idempotent (``creation.py``).
+        """
+        calls = creation.calls(self.client, experiment_id, run_name, tags, start_time, token_tag)
+        return record_of(self._call(calls.create, what="create_run", **calls.guards))
 
     def rename_run(self, run_id: str, name: str) -> None:
         self._call(lambda: self.client.update_run(run_id, name=name), what="update_run")
