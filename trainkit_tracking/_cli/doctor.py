@@ -5,7 +5,6 @@ Secrets in what it shows are masked.
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from pathlib import Path
 from trainkit_tracking._cli.common import (
     SOURCE_LABELS,
     describe,
+    experiment_hint,
     one_line,
     probe_tcp,
     resolve_uri,
@@ -150,13 +150,8 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
 
 def _missing_experiment(store: Store, name: str) -> str:
     """The problem line for an experiment that is not in the store, with near names."""
-    try:
-        names = [e.name for e in store.list_experiments()]
-    except Exception as exc:  # only the hint is lost; the problem is reported all the same
-        log.debug("could not list experiments for a hint: %s", exc)
-        names = []
-    close = difflib.get_close_matches(name, [n for n in names if not n.startswith(".")], n=3)
-    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    hint = experiment_hint(store, name)
+    hint = f"{hint} " if hint else ""
     return (
         f"experiment {name!r} does not exist yet in {store.shown_uri}: {hint}check the "
         "name; if nothing was tracked to it yet, it is created when the first run starts"
