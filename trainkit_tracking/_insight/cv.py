@@ -98,12 +98,29 @@ def _read_summary(
     folds = fold_records(store, run.experiment_id, run.id, keys)
     if not folds:
         return {}
-    # The study's metric is tagged on the sweep, the parent of a trial.
-    parent = store.get_run(run.parent_id) if run.parent_id else None
-    study_metric = parent.tags.get(METRIC_TAG) if parent is not None else None
     return summarize(
-        folds, fold_key=keys["fold_idx"], study_metric=study_metric or None, patterns=patterns
+        folds,
+        fold_key=keys["fold_idx"],
+        study_metric=_study_metric(store, run.parent_id),
+        patterns=patterns,
     )
+
+
+# (store, sweep id) -> the study's metric: one read per sweep and process, not per trial.
+_study_metrics: dict[tuple[str, str], str] = {}
+
+
+def _study_metric(store: Store, parent_id: str | None) -> str | None:
+    """The study's metric, tagged on the sweep (a trial's parent); None when it has none."""
+    if parent_id is None:
+        return None
+    key = (store.tracking_uri, parent_id)
+    if key not in _study_metrics:
+        metric = store.get_run(parent_id).tags.get(METRIC_TAG)
+        if not metric:
+            return None  # not tagged (yet): asked again next time
+        _study_metrics[key] = metric
+    return _study_metrics[key]
 
 
 def _number(record: RunRecord, keys: TagKeys) -> int | None:
