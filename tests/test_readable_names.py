@@ -268,3 +268,16 @@ def test_cli_name_and_policy_show_seed(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert NamingPolicy.from_yaml(shown) == NamingPolicy.seed()
     missing = CliRunner().invoke(cli, [*args, "--policy", str(tmp_path / "sed.yaml")])
     assert missing.exit_code == 2 and "did you mean" in missing.output and "seed.yaml" in missing.output  # fmt: skip
+
+
+def test_doctor_shows_the_naming_policy_and_a_bad_variable(
+    trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRAINKIT_NAMING_POLICY", "seed")
+    shown = CliRunner().invoke(cli, ["doctor"])
+    assert "naming policy   seed (TRAINKIT_NAMING_POLICY)" in shown.stdout
+    monkeypatch.setenv("TRAINKIT_NAMING_POLICY", "sed")
+    bad = CliRunner().invoke(cli, ["doctor"])
+    assert bad.exit_code == 1  # a problem, reported with the rest: not a crash
+    assert "problem: environment variable TRAINKIT_NAMING_POLICY='sed'" in bad.stdout
+    assert "did you mean 'seed'?" in bad.stdout and "tracking URI    sqlite:" in bad.stdout

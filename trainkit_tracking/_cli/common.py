@@ -126,9 +126,11 @@ def resolve_uri(tracking_uri: str | None) -> Resolved:
     """SPEC section 6 resolution through the Tracker, with its warnings collected."""
     import warnings
 
+    from trainkit_tracking._core.naming import NamingPolicy
     from trainkit_tracking._runs.tracker import Tracker
 
-    tracker = Tracker(None, tracking_uri)
+    # Only the URI is wanted: a bad TRAINKIT_NAMING_POLICY must not stop every command.
+    tracker = Tracker(None, tracking_uri, policy=NamingPolicy.default(), cv_metrics=())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         uri, source = tracker.resolve_tracking_uri()

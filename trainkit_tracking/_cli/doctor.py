@@ -21,10 +21,12 @@ from trainkit_tracking._cli.common import (
     resolve_uri,
 )
 from trainkit_tracking._core import env as _env
+from trainkit_tracking._core.naming import NamingPolicy
 from trainkit_tracking._core.platform import detect_platform
 from trainkit_tracking._core.redact import get_logger, redact
 from trainkit_tracking._store.store import Store, sqlite_path
 from trainkit_tracking._version import __version__
+from trainkit_tracking.errors import PolicyError
 
 log = get_logger(__name__)
 
@@ -54,6 +56,7 @@ _ORDER = (
     "store",
     "spool",
     "senders",
+    "naming policy",
     "environment",
 )
 
@@ -158,11 +161,26 @@ def _missing_experiment(store: Store, name: str) -> str:
     )
 
 
+def _check_naming(environ: Mapping[str, str], report: Report) -> None:
+    """The naming policy a Tracker would use (TRAINKIT_NAMING_POLICY), or why it cannot."""
+    raw = environ.get(_env.TRAINKIT_NAMING_POLICY, "").strip()
+    try:
+        NamingPolicy.from_env(environ)
+    except PolicyError as exc:
+        report.add("naming policy", "(invalid)")
+        report.problems.append(describe(exc))
+        return
+    shown = raw if len(raw) <= 80 and not raw.startswith("{") else "a policy handed over"
+    report.add("naming policy", f"{shown} ({_env.TRAINKIT_NAMING_POLICY})" if raw else "default")
+
+
 def _check_offline(environ: Mapping[str, str], timeout: float, report: Report) -> None:
     """Runs the local store holds for a push (created while the tracking store was away)."""
     from trainkit_tracking._runs.tracker import Tracker
 
-    local = Tracker(None, environ=environ)._local_uri()
+    local = Tracker(
+        None, environ=environ, policy=NamingPolicy.default(), cv_metrics=()
+    )._local_uri()
     path = sqlite_path(local)
     if path is None or not path.exists():
         return
@@ -268,6 +286,7 @@ def doctor(
         except Exception as exc:  # doctor reports; it never crashes on what it checks
             report.add("store", "check failed")
             report.problems.append(f"checking the store failed: {describe(exc)}")
+    _check_naming(env, report)
     _check_spool(spool_dir, report)
     _check_offline(env, timeout, report)
     variables = _environment(env)
