@@ -78,9 +78,11 @@ class TargetNames:
 
     def kept(self, src: Source, target: RunRecord) -> dict[str, str]:
         """The name tags of a run pushed before: the target's, so a push never renames it."""
-        if self.versioned(src) is None:
+        found = self.versioned(src)
+        if found is None:
             return {}
-        version = target.tags.get(KEYS["version"], "")
+        # A run pushed by an SDK that did not claim versions has the source's number.
+        version = target.tags.get(KEYS["version"]) or str(found[1])
         return self._name_tags(src, target.name, version)
 
     @staticmethod
