@@ -192,7 +192,7 @@ def test_naming_policy_variable_takes_a_file(
     ("value", "needles"),
     [
         ("sed", ["TRAINKIT_NAMING_POLICY='sed'", "did you mean 'seed'?", "'default', 'seed'"]),
-        ("namng.yaml", ["no file 'namng.yaml'", "did you mean", "naming.yaml"]),
+        ("namng.yaml", ["file 'namng.yaml' does not exist", "did you mean 'naming.yaml'"]),
         ("{not json", ["TRAINKIT_NAMING_POLICY", "not json"]),
         ("bad.yaml", ["TRAINKIT_NAMING_POLICY", "bad.yaml", "unknown placeholder {oops}"]),
     ],
