@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nBest trial: t{best_number:02d} (C={best_params['C']}), mean accuracy {best_score:.3f}"
     )
     print(f"Browse the runs:  mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    print("(MLflow 3 opens an experiment on its GenAI page: the runs are under 'Model training')")
     return 0
 
 

@@ -322,7 +322,7 @@ def test_top_level_run_adopts_the_jobs_run(trainkit_store: TrainkitStore, azure_
     assert tracker.platform == "azureml"
     with tracker.start_run(sweep_spec()) as sweep:
         assert sweep.id == azure_job
-        policy_name = f"azureml_distilbert_hpo_study-{STUDY[:8]}_nerstudy_1"
+        policy_name = f"sweep_1 {STUDY[:8]}_nerstudy distilbert"
         assert sweep.name == policy_name
         with (
             sweep.child("hpo_trial", trial_number=0, trial_key_hash="t0") as trial,
@@ -383,7 +383,7 @@ def test_fallback_pattern_uses_the_job_run_id(
 ) -> None:
     run = Tracker.from_env().start_run(RunSpec(kind="final_training", model="bert"))
     assert run.id == azure_job
-    assert run.name == f"azureml_bert_training_{azure_job[:8]}"
+    assert run.name == f"final {azure_job[:8]} bert"
     tags = MlflowClient(trainkit_store.uri).get_run(azure_job).data.tags
     assert tags["code.run_name"] == run.name
 
@@ -406,7 +406,8 @@ def test_another_store_than_the_jobs_does_not_adopt(
     other = f"sqlite:///{trainkit_store.root / 'other' / 'mlflow.db'}"
     run = Tracker("elsewhere", other).start_run(sweep_spec())
     assert run.id != azure_job
-    assert run.name.startswith("azureml_distilbert_hpo_study")
+    assert run.name.startswith("sweep_1 ")  # an ordinary run of its own, named by the policy
+    assert MlflowClient(other).get_run(run.id).data.tags["code.env"] == "azureml"
     run.end()
 
 

@@ -83,7 +83,7 @@ def test_help_does_not_import_mlflow(args: list[str]) -> None:
 def test_script_and_module_print_the_same_name() -> None:
     args = ["name", "--kind", "hpo_trial", "--model", "distilbert", "--env", "local"]
     args += ["--study-key-hash", STUDY, "--trial-number", "5"]
-    expected = "local_distilbert_hpo_trial_study-350a79aa_t05\n"
+    expected = "t05 distilbert study-350a79aa\n"
     for script in (True, False):
         done = run_cli(*args, script=script)
         assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")
@@ -184,43 +184,44 @@ def test_doctor_counts_pending_spool_records(trainkit_store: TrainkitStore) -> N
 GOLDEN = [
     (
         f"--kind hpo_trial --study-key-hash {STUDY} --trial-number 5",
-        "local_distilbert_hpo_trial_study-350a79aa_t05",
+        "t05 distilbert study-350a79aa",
     ),
     (
         f"-k hpo_trial_fold --study-key-hash {STUDY} --trial-number 5 --fold-idx 1",
-        "local_distilbert_hpo_trial_study-350a79aa_t05_fold1",
+        "t05 fold1 distilbert study-350a79aa",
     ),
     (
         f"--kind hpo_sweep --study-key-hash {STUDY} --study-name 'ner/v2 study'",
-        "local_distilbert_hpo_study-350a79aa_ner-v2study",
+        "sweep 350a79aa_ner-v2study distilbert",
     ),
     (
         f"--kind hpo_refit --study-key-hash {STUDY} --trial-number 12 --trial-key-hash 7c1d02ab55",
-        "local_distilbert_hpo_refit_study-350a79aa_trial-7c1d02ab_t12",
+        "refit t12 distilbert study-350a79aa trial-7c1d02ab",
     ),
     (
         "--kind final_training --spec-fp abc123de99 --exec-fp xyz789ab00 --variant 2 "
         "--model distilbert-base-uncased",
-        "local_distilbert_base_uncased_final_training_spec-abc123de_exec-xyz789ab_v2",
+        "final abc123de v2 distilbert_base_uncased exec-xyz789ab",
     ),
     (
         "--kind final_training --run-id 4634a675293f420d8f6ae72fc55778c6",
-        "local_distilbert_training_4634a675",
+        "final 4634a675 distilbert",
     ),
-    ("--kind final_training", "local_distilbert_training_unknown"),
+    ("--kind final_training", "final unknown distilbert"),
     (
         f"--kind benchmarking --study-key-hash {STUDY} --trial-key-hash 7c1d02ab55 "
         "--benchmark-config-hash be9c4a1f00",
-        "local_distilbert_benchmark_study-350a79aa_trial-7c1d02ab_bench-be9c4a1f",
+        "bench be9c4a1f distilbert study-350a79aa trial-7c1d02ab",
     ),
     (
         "--kind conversion --conv-fp c0ffee1234 "
         "--parent-training-id spec_ABC123DE99_exec_0f9e8d7c6b/v3",
-        "local_distilbert_conversion_spec-abc123de_exec-0f9e8d7c_v3_conv-c0ffee12",
+        "conv c0ffee12 abc123de v3 distilbert exec-0f9e8d7c",
     ),
+    # The seed's policy names runs by their storage env.
     (
         f"--kind hpo_trial --study-key-hash {STUDY} --trial-number 0 "
-        "--env azureml --storage-env colab",
+        "--env azureml --storage-env colab --policy seed",
         "colab_distilbert_hpo_trial_study-350a79aa_t00",
     ),
 ]
@@ -285,7 +286,7 @@ def test_name_invalid_spec_exits_2_naming_the_field(args: list[str], names: list
 # tree ---------------------------------------------------------------------------------
 
 LINE = re.compile(
-    r"^(?P<tree>[│├└─ ]*)(?P<name>\S+)\s+(?P<status>[A-Z]+)"
+    r"^(?P<tree>[│├└─ ]*)(?P<name>\S+(?: \S+)*)\s+(?P<status>[A-Z]+)"
     r"\s+(?P<dur>[\d.]+[smhd][\d]*[smh]?)(?:\s+(?P<metric>\S.*))?$"
 )
 
@@ -338,19 +339,17 @@ def test_tree_of_a_real_pipeline(trainkit_store: TrainkitStore) -> None:
     text = render_tree(trainkit_store.uri, experiment_id=tracker.experiment_id)
     assert text.splitlines()[0] == f"experiment 'tree-exp' (id {tracker.experiment_id}): 9 runs"
     rows = parse(text)
-    trial = "local_distilbert_hpo_trial_study-350a79aa"
+    study = "distilbert study-350a79aa"
     assert [(r["tree"], r["name"], r["status"], r["metric"]) for r in rows] == [
-        ("", "local_distilbert_hpo_study-350a79aa_1", "FINISHED", None),
-        ("├── ", f"{trial}_t00_1", "FINISHED", "val_loss=0.45 ± 0.071 (2 folds)"),
-        ("│   ├── ", f"{trial}_t00_fold0", "FINISHED", "val_loss=0.5"),
-        ("│   └── ", f"{trial}_t00_fold1", "FINISHED", "val_loss=0.4"),
-        ("├── ", f"{trial}_t01_1", "FAILED", "val_loss=0.44 ± 0.071 (2 folds)"),
-        ("│   ├── ", f"{trial}_t01_fold0", "FINISHED", "val_loss=0.49"),
-        ("│   └── ", f"{trial}_t01_fold1", "FINISHED", "val_loss=0.39"),
-        ("└── ", "local_distilbert_hpo_refit_study-350a79aa_trial-7c1d02ab_t00_1", "FINISHED",
-         "loss=0.125"),
-        ("", "local_distilbert_final_training_spec-abc12345_exec-def45678_v1", "FINISHED",
-         "eval_loss=0.25"),
+        ("", "sweep_1 350a79aa distilbert", "FINISHED", None),
+        ("├── ", f"t00_1 {study}", "FINISHED", "val_loss=0.45 ± 0.071 (2 folds)"),
+        ("│   ├── ", f"t00 fold0 {study}", "FINISHED", "val_loss=0.5"),
+        ("│   └── ", f"t00 fold1 {study}", "FINISHED", "val_loss=0.4"),
+        ("├── ", f"t01_1 {study}", "FAILED", "val_loss=0.44 ± 0.071 (2 folds)"),
+        ("│   ├── ", f"t01 fold0 {study}", "FINISHED", "val_loss=0.49"),
+        ("│   └── ", f"t01 fold1 {study}", "FINISHED", "val_loss=0.39"),
+        ("└── ", f"refit t00_1 {study} trial-7c1d02ab", "FINISHED", "loss=0.125"),
+        ("", "final abc12345 v1 distilbert exec-def45678", "FINISHED", "eval_loss=0.25"),
     ]  # fmt: skip
     # Columns line up: every status starts at the same offset.
     lines = text.splitlines()[1:]
@@ -364,11 +363,7 @@ def test_tree_of_a_real_pipeline(trainkit_store: TrainkitStore) -> None:
 
     sub = render_tree(trainkit_store.uri, run_id=runs["trial1"].id, ascii=True)
     assert sub.splitlines()[0] == f"run {runs['trial1'].id} in experiment 'tree-exp'"
-    assert [line.split()[0] for line in sub.splitlines()[1:]] == [
-        f"{trial}_t01_1",
-        "|--",
-        "`--",
-    ]
+    assert [line.split()[0] for line in sub.splitlines()[1:]] == ["t01_1", "|--", "`--"]
 
 
 def test_tree_command(trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -397,6 +392,7 @@ def test_tree_errors(trainkit_store: TrainkitStore, monkeypatch: pytest.MonkeyPa
     # An unexpected error: one line without --debug, the traceback with it.
     odd = invoke("tree", "-e", "x", "--tracking-uri", "bogus-scheme://x")
     assert odd.exit_code == 1 and "--debug" in error_line(odd)
+    assert "unknown scheme 'bogus-scheme:'" in error_line(odd)
     debug = invoke("--debug", "tree", "-e", "x", "--tracking-uri", "bogus-scheme://x")
     assert debug.exit_code == 1 and debug.exception is not None
     assert "error: " not in debug.output
@@ -493,7 +489,7 @@ def test_policy_check_good_files(tmp_path: Path) -> None:
     result = invoke("policy", "check", str(DEFAULT_POLICY))
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"ok: {DEFAULT_POLICY} is a valid naming policy")
-    fold = "local_distilbert_base_uncased_hpo_trial_study-350a79aa_t05_fold1"
+    fold = "t05 fold1 distilbert_base_uncased study-350a79aa"
     assert re.search(rf"hpo_trial_fold\s+{fold}\n", result.stdout)
     assert "final_training (fallback)" in result.stdout
     custom = tmp_path / "p.yaml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainkit_tracking import Run, RunSpec, Tracker
+from trainkit_tracking import Run, RunSpec, Tracker, TrackingError
 from trainkit_tracking._insight.cv_stats import select_folds, stats, summarize
 from trainkit_tracking._store.store import RunRecord
 from trainkit_tracking.cli import render_tree
@@ -58,7 +59,7 @@ def test_summary_of_known_values_is_exact() -> None:
         record("r4", 3, "FAILED", f1=100.0),  # excluded, counted as not finished
         record("r5", 4, "RUNNING", f1=100.0),  # did not finish either
     ]
-    summary = summarize(folds)
+    summary = summarize(folds, patterns=("*",))  # every metric, as cv_metrics=["*"] asks
     assert summary == {
         "cv.n_folds": 3.0,
         "cv.n_failed": 2.0,
@@ -75,7 +76,7 @@ def test_summary_of_known_values_is_exact() -> None:
 
 
 def test_one_fold_has_std_zero_and_nan_propagates() -> None:
-    one = summarize([record("r1", 0, "FINISHED", f1=0.25)])
+    one = summarize([record("r1", 0, "FINISHED", f1=0.25)], study_metric="f1")
     assert (one["cv.f1.mean"], one["cv.f1.std"], one["cv.n_folds"]) == (0.25, 0.0, 1.0)
     with_nan = stats([1.0, float("nan")])
     assert all(math.isnan(v) for v in (with_nan.mean, with_nan.std, with_nan.min, with_nan.max))
@@ -92,7 +93,7 @@ def test_a_fold_run_again_counts_once_with_its_newest_finished_run() -> None:
     ]
     chosen, failed = select_folds(folds, FOLD_KEY)
     assert [r.run_id for r in chosen] == ["r2", "r4"] and failed == 0
-    assert summarize(folds)["cv.f1.mean"] == pytest.approx(0.7)
+    assert summarize(folds, study_metric="f1")["cv.f1.mean"] == pytest.approx(0.7)
 
 
 # From the store -----------------------------------------------------------------------
@@ -101,6 +102,8 @@ def test_a_fold_run_again_counts_once_with_its_newest_finished_run() -> None:
 def test_trial_end_logs_the_summary_of_its_finished_folds(trainkit_store: TrainkitStore) -> None:
     tracker = Tracker("cv")
     sweep = tracker.start_run(sweep_spec())
+    sweep.set_tags({"code.hpo.metric": "f1"})  # the study's metric, as TrackedStudy tags it
+    sweep.flush()
     trial = sweep.child("hpo_trial", trial_number=0)
     values = {0: 0.61, 1: 0.72, 2: 0.83}
     for k, value in values.items():
@@ -121,7 +124,7 @@ def test_trial_end_logs_the_summary_of_its_finished_folds(trainkit_store: Traink
     assert stored["cv.f1.mean"] == pytest.approx(statistics.fmean(expected), abs=1e-15)
     assert stored["cv.f1.std"] == pytest.approx(statistics.stdev(expected), abs=1e-15)
     assert (stored["cv.f1.min"], stored["cv.f1.max"]) == (0.61, 0.83)
-    assert (stored["cv.epoch.mean"], stored["cv.epoch.std"]) == (3.0, 0.0)
+    assert "cv.epoch.mean" not in stored  # a counter, not a result: not summarised
     assert (stored["cv.n_folds"], stored["cv.n_failed"]) == (3.0, 1.0)
     # Runs without fold children get no cv.* metrics.
     assert not any(k.startswith("cv.") for k in metrics_of(trainkit_store.uri, sweep.id))
@@ -138,7 +141,7 @@ def test_folds_made_by_subprocesses_count(trainkit_store: TrainkitStore, tmp_pat
             import sys
             from trainkit_tracking import Tracker
             with Tracker.from_env().attach() as fold:
-                fold.log_metric("acc", float(sys.argv[1]))
+                fold.log_metric("eval_acc", float(sys.argv[1]))
             """
         )
         for k, value in ((0, 0.5), (1, 0.75)):
@@ -153,11 +156,11 @@ def test_folds_made_by_subprocesses_count(trainkit_store: TrainkitStore, tmp_pat
             )
             assert done.returncode == 0, done.stderr
         with trial.child("hpo_trial_fold", fold_idx=2) as fold:
-            fold.log_metric("acc", 1.0)
+            fold.log_metric("eval_acc", 1.0)
     stored = metrics_of(trainkit_store.uri, trial.id)
     assert stored["cv.n_folds"] == 3.0 and stored["cv.n_failed"] == 0.0
-    assert stored["cv.acc.mean"] == pytest.approx(0.75)
-    assert (stored["cv.acc.min"], stored["cv.acc.max"]) == (0.5, 1.0)
+    assert stored["cv.eval_acc.mean"] == pytest.approx(0.75)
+    assert (stored["cv.eval_acc.min"], stored["cv.eval_acc.max"]) == (0.5, 1.0)
 
 
 def test_a_failing_summary_never_stops_the_end(
@@ -204,6 +207,7 @@ def build_sweep(tracker: Tracker, *, metric_tag: bool = True) -> tuple[Run, dict
     sweep.log_params({"study_direction": "MAXIMIZE"})
     if metric_tag:
         sweep.set_tags({"code.hpo.metric": "f1"})
+        sweep.flush()
     trials: dict[int, Run] = {}
     for number, scores in FOLD_F1.items():
         trial = sweep.child("hpo_trial", trial_number=number)
@@ -235,9 +239,10 @@ def test_leaderboard_csv_has_a_row_per_trial(trainkit_store: TrainkitStore, tmp_
     local = download(trainkit_store.uri, sweep.id, "leaderboard.csv", tmp_path / "dl")
     with local.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
+    assert list(rows[0])[:3] == ["trial", "status", "score"]  # what a reader looks for first
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
     for row in rows:
-        number = int(row["number"])
+        number = int(row["trial"])
         trial = trials[number]
         assert row["run_id"] == trial.id and row["run_name"] == trial.name
         assert row["params.lr"] == str(10.0**-number if number < 3 else 1e-9)
@@ -293,13 +298,13 @@ def test_a_sweep_without_trials_gets_no_leaderboard(trainkit_store: TrainkitStor
 
 
 def trial_lines(text: str) -> dict[str, str]:
-    """Trial name suffix (``t00``...) -> what the tree shows after the duration."""
+    """Trial (``t00``...) -> what the tree shows after the duration."""
     shown = {}
     for line in text.splitlines()[1:]:
-        name = line.split()[1] if line.split()[0] in ("├──", "└──", "|--", "`--") else ""
-        if "_hpo_trial_" in name and "_fold" not in name:
-            number = name.rsplit("_", 2)[-2]
-            shown[number] = line.split("  ")[-1].strip()
+        name = line.lstrip("│├└─|`- ")
+        match = re.match(r"(t\d+)_\d+ ", name)
+        if match is not None:
+            shown[match[1]] = line.split("  ")[-1].strip()
     return shown
 
 
@@ -317,7 +322,7 @@ def test_tree_shows_mean_std_and_fold_count_of_the_study_metric(
         "t02": "f1=0.95 ± 0.05 (3 folds)",
         "t03": "f1=0.1 ± 0 (1 fold)",
     }
-    fold_line = next(line for line in text.splitlines() if "_t00_fold0" in line)
+    fold_line = next(line for line in text.splitlines() if "t00 fold0 " in line)
     assert fold_line.endswith("  f1=0.6")  # fold rows show the study metric too
     ascii_text = render_tree(trainkit_store.uri, experiment_id=tracker.experiment_id, ascii=True)
     assert trial_lines(ascii_text)["t00"] == "f1=0.7 +- 0.1 (3 folds)"
@@ -347,3 +352,97 @@ def test_other_ranks_summarise_nothing(
     assert trial.cv_summary() == {}
     trial.end()
     assert MlflowClient(trainkit_store.uri).search_runs([tracker.experiment_id]) == []
+
+
+# What a summary covers (SPEC section 18) ----------------------------------------------
+
+# What the HF Trainer logs into a fold run (train and evaluate), and a system sample.
+TRAINER_FOLD = {
+    "loss": 0.9, "learning_rate": 5e-5, "grad_norm": 1.2, "epoch": 3.0,
+    "train_loss": 0.8, "train_runtime": 12.0, "train_samples_per_second": 80.0,
+    "train_steps_per_second": 5.0, "total_flos": 1e12,
+    "eval_loss": 0.5, "eval_f1": 0.8, "eval_precision": 0.75,
+    "eval_runtime": 1.5, "eval_samples_per_second": 200.0, "eval_steps_per_second": 12.0,
+    "test_f1": 0.78, "system/cpu_percent": 50.0,
+}  # fmt: skip
+
+
+def trainer_sweep(tracker: Tracker, folds: int = 3) -> tuple[Run, Run]:
+    sweep = tracker.start_run(sweep_spec())
+    sweep.set_tags({"code.hpo.metric": "eval_f1"})
+    sweep.log_params({"study_direction": "MAXIMIZE"})
+    sweep.flush()
+    trial = sweep.child("hpo_trial", trial_number=0)
+    trial.log_params({f"p{i}": i for i in range(3)})
+    for k in range(folds):
+        with trial.child("hpo_trial_fold", fold_idx=k) as fold:
+            fold.log_metrics({key: value + k / 100 for key, value in TRAINER_FOLD.items()})
+    trial.log_metric("eval_f1", 0.81)
+    trial.end()
+    return sweep, trial
+
+
+def test_summary_of_trainer_folds_is_the_study_and_evaluation_metrics(
+    trainkit_store: TrainkitStore, tmp_path: Path
+) -> None:
+    sweep, trial = trainer_sweep(Tracker("cv-trainer"))
+    sweep.end()
+    cv = {k for k in metrics_of(trainkit_store.uri, trial.id) if k.startswith("cv.")}
+    summarised = {"eval_f1", "eval_loss", "eval_precision", "test_f1"}
+    stats_keys = {f"cv.{m}.{s}" for m in summarised for s in ("mean", "std", "min", "max")}
+    assert cv == stats_keys | {"cv.n_folds", "cv.n_failed"}
+    local = download(trainkit_store.uri, sweep.id, "leaderboard.csv", tmp_path / "dl")
+    with local.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[:3] == ["trial", "status", "score"]
+    assert header == [
+        "trial", "status", "score", "score_std", "score_n", "score_metric", "pruned",
+        "run_name", "run_id", "params.p0", "params.p1", "params.p2", "eval_f1",
+        "cv.n_folds", "cv.n_failed", "cv.eval_f1.mean", "cv.eval_f1.std", "cv.eval_loss.mean",
+        "cv.eval_loss.std", "cv.eval_precision.mean", "cv.eval_precision.std",
+        "cv.test_f1.mean", "cv.test_f1.std",
+    ]  # fmt: skip
+    # The tree still shows the study's metric over the folds.
+    text = render_tree(trainkit_store.uri, experiment_id=sweep.experiment_id)
+    assert trial_lines(text)["t00"] == "eval_f1=0.81 ± 0.01 (3 folds)"
+
+
+def test_cv_metrics_chooses_what_is_summarised(trainkit_store: TrainkitStore) -> None:
+    tracker = Tracker("cv-chosen", cv_metrics=["loss", "eval_*"])
+    _, trial = trainer_sweep(tracker, folds=2)
+    cv = {
+        k.rsplit(".", 1)[0] for k in metrics_of(trainkit_store.uri, trial.id) if k.count(".") == 2
+    }
+    evals = {k for k in TRAINER_FOLD if k.startswith("eval_")}
+    assert cv == {f"cv.{m}" for m in {"loss", *evals}}
+    everything = Tracker("cv-all", cv_metrics=["*"])
+    _, every = trainer_sweep(everything, folds=2)
+    assert "cv.epoch.mean" in metrics_of(trainkit_store.uri, every.id)
+    assert "cv.system/cpu_percent.mean" not in metrics_of(trainkit_store.uri, every.id)
+    # Subprocesses summarise what their parent's tracker summarises.
+    with everything.start_run(sweep_spec()) as sweep:
+        assert sweep.subprocess_env({})["TRAINKIT_CV_METRICS"] == "*"
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "needle"),
+    [
+        ("f1", TypeError, "list of metric names or patterns"),
+        (["f1", 3], TypeError, "must be str"),
+        (["f1,eval_loss"], ValueError, "'f1,eval_loss'"),
+        ([""], ValueError, "not a metric name"),
+    ],
+)
+def test_bad_cv_metrics_are_refused_when_the_tracker_is_built(
+    value: Any, error: type[Exception], needle: str
+) -> None:
+    with pytest.raises(error, match=re.escape(needle)):
+        Tracker("x", cv_metrics=value)
+
+
+def test_cv_metrics_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAINKIT_CV_METRICS", "f1, eval_*")
+    assert Tracker("x").cv_metrics == ("f1", "eval_*")
+    monkeypatch.setenv("TRAINKIT_CV_METRICS", "f1;loss")
+    with pytest.raises(TrackingError, match="TRAINKIT_CV_METRICS"):
+        Tracker("x")

@@ -229,8 +229,10 @@ def test_seed_conversion_id_forms_are_accepted(training_id: str, variant: int) -
         conv_fp="feedbeef",
         parent_training_id=training_id,
     )
-    name = NamingPolicy.default().base_name(spec)
+    name = NamingPolicy.seed().base_name(spec)  # the seed's names, for the seed's id forms
     assert name.endswith(f"_v{variant}_conv-feedbeef")
+    default = NamingPolicy.default().base_name(spec)
+    assert default.startswith("conv feedbeef ") and f" v{variant} bert " in default
     assert "spec-" in name and "exec-" in name and name == name.lower()
 
 

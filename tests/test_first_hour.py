@@ -87,7 +87,7 @@ def test_run_displays_name_status_and_link_in_a_notebook(
     )
     html = run._repr_html_()
     assert "(open)" in html
-    assert "local_r&amp;d_final" in html and "r&d" not in html  # escaped
+    assert "final ab v1 r&amp;d" in html and "r&d" not in html  # escaped
     assert f'href="{run.url}"' in html and run.id in html
     run.end()
     assert "(ended)" in run._repr_html_()

@@ -83,7 +83,7 @@ def test_child_mode_creates_the_child_in_the_subprocess(trainkit_store: Trainkit
     assert RunSpec.model_validate_json(env["TRAINKIT_RUN_SPEC"]) == fold_spec
     child = run_child(env)
     assert child["parent"] == trial.id
-    assert child["name"] == f"local_distilbert_hpo_trial_study-{STUDY[:8]}_t02_fold3"
+    assert child["name"] == f"t02 fold3 distilbert study-{STUDY[:8]}"
     info = MlflowClient(trainkit_store.uri).get_run(child["id"])
     assert info.info.status == "FINISHED"
     assert info.info.experiment_id == tracker.experiment_id
@@ -136,7 +136,9 @@ def test_stale_variables_are_dropped(trainkit_store: TrainkitStore) -> None:
         "MLFLOW_EXPERIMENT_NAME",
         "MLFLOW_EXPERIMENT_ID",
         "TRAINKIT_SPOOL_DIR",
+        "TRAINKIT_NAMING_POLICY",  # the child names runs as the parent's tracker does
     }
+    assert env["TRAINKIT_NAMING_POLICY"] == "default"
     assert base["MLFLOW_RUN_ID"] == "f" * 32  # the given mapping is not modified
     run.end()
 
@@ -153,12 +155,12 @@ def test_seed_pipeline_variables_create_trial_and_fold(trainkit_store: TrainkitS
     env.update(MLFLOW_PARENT_RUN_ID=sweep.id, MLFLOW_TRIAL_NUMBER="4")
     trial = run_child(env)
     assert trial["parent"] == sweep.id
-    assert trial["name"] == f"local_deberta_v3_base_hpo_trial_study-{STUDY[:8]}_t04_1"
+    assert trial["name"] == f"t04_1 deberta_v3_base study-{STUDY[:8]}"
     env.update(MLFLOW_PARENT_RUN_ID=trial["id"], MLFLOW_FOLD_IDX="1")
     del env["MLFLOW_TRIAL_NUMBER"]
     fold = run_child(env)
     assert fold["parent"] == trial["id"]
-    assert fold["name"] == f"local_deberta_v3_base_hpo_trial_study-{STUDY[:8]}_t04_fold1"
+    assert fold["name"] == f"t04 fold1 deberta_v3_base study-{STUDY[:8]}"
     tags = MlflowClient(trainkit_store.uri).get_run(fold["id"]).data.tags
     assert tags["code.model"] == "deberta-v3/base"
     assert tags["code.study_key_hash"] == STUDY

@@ -73,7 +73,7 @@ def test_sweep_trials_folds_and_best(trainkit_store: TrainkitStore) -> None:
     assert tracked.study_key_hash == expected_study
     assert sweep.data.tags["code.run_kind"] == "hpo_sweep"
     assert sweep.data.tags["code.study_key_hash"] == expected_study
-    assert sweep.info.run_name.endswith("_nersweep_1")
+    assert sweep.info.run_name.startswith("sweep_1 ") and "_nersweep " in sweep.info.run_name
     assert sweep.info.status == "FINISHED"
     assert sweep.data.params["search_space.opt"] == '{"choices": ["adam", "sgd"]}'
 

@@ -77,7 +77,7 @@ def test_first_use_of_a_fresh_sqlite_store_by_many_processes(tmp_path: Path) -> 
     outs = [p.communicate(timeout=400) for p in procs]
     assert [p.returncode for p in procs] == [0] * count, [err[-1500:] for _, err in outs]
     names = sorted(out.strip().splitlines()[-1] for out, _ in outs)
-    assert names == sorted(f"local_bert_hpo_study-abcd1234_{n}" for n in range(1, count + 1))
+    assert names == sorted(f"sweep_{n} abcd1234 bert" for n in range(1, count + 1))
     # The store stays usable for everyone after the race.
     later = Tracker("fresh", uri)
     assert len(later.find(SPEC)) == count

@@ -1,4 +1,5 @@
-"""Tests of the naming policy (SPEC section 4): golden names, loading, validation, properties."""
+"""Tests of the naming policy language on the seed's policy (SPEC section 4): golden names,
+loading, validation, properties. The default policy's names: tests/test_readable_names.py."""
 
 from __future__ import annotations
 
@@ -44,21 +45,21 @@ def spec(kind: str, model: str = "distilbert", **fields: Any) -> RunSpec:
 
 @pytest.fixture
 def policy() -> NamingPolicy:
-    return NamingPolicy.default()
+    return NamingPolicy.seed()
 
 
-# -- the default policy ----------------------------------------------------------
+# -- the seed's policy -----------------------------------------------------------
 
 
-def test_default_policy_is_spec_table_byte_for_byte(policy: NamingPolicy) -> None:
+def test_seed_policy_is_spec_table_byte_for_byte(policy: NamingPolicy) -> None:
     assert {k.value: v.pattern for k, v in policy.kinds.items()} == SPEC_PATTERNS
     fallbacks = {k.value: v.fallback for k, v in policy.kinds.items() if v.fallback}
     assert fallbacks == {"final_training": "{env}_{model}_training_{run_id}"}
 
 
-def test_docs_default_policy_file_equals_default(policy: NamingPolicy) -> None:
-    assert NamingPolicy.from_yaml(DOCS / "default-policy.yaml") == policy
-    assert NamingPolicy.from_yaml(str(DOCS / "default-policy.yaml")) == policy
+def test_docs_default_policy_file_equals_default() -> None:
+    assert NamingPolicy.from_yaml(DOCS / "default-policy.yaml") == NamingPolicy.default()
+    assert NamingPolicy.from_yaml(str(DOCS / "default-policy.yaml")) == NamingPolicy.default()
 
 
 def test_to_dict_round_trips(policy: NamingPolicy) -> None:
@@ -392,7 +393,7 @@ def test_name_length_limit(policy: NamingPolicy) -> None:
 
 
 def default_dict() -> dict[str, Any]:
-    return copy.deepcopy(NamingPolicy.default().to_dict())
+    return copy.deepcopy(NamingPolicy.seed().to_dict())
 
 
 def with_pattern(kind: str, pattern: Any, field: str = "pattern") -> dict[str, Any]:
@@ -406,7 +407,7 @@ def test_custom_policy_from_dict() -> None:
     policy = NamingPolicy.from_dict(data)
     s = spec("hpo_trial", "deberta-v3", study_key_hash=STUDY, trial_number=3)
     assert policy.render(s, version=2) == "deberta_v3-trial03_2"
-    assert policy != NamingPolicy.default()
+    assert policy != NamingPolicy.seed()
 
 
 def test_custom_fallback_on_another_kind() -> None:
@@ -432,7 +433,7 @@ def test_kind_entry_replaces_default_fallback() -> None:
 def test_version_key_optional_but_must_be_1() -> None:
     data = default_dict()
     del data["version"]
-    assert NamingPolicy.from_dict(data) == NamingPolicy.default()
+    assert NamingPolicy.from_dict(data) == NamingPolicy.seed()
     for bad in (2, "1", True):
         data["version"] = bad
         with pytest.raises(PolicyError, match="version"):
@@ -522,7 +523,9 @@ def test_from_yaml_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_from_yaml_custom_file(tmp_path: Path) -> None:
     text = (DOCS / "default-policy.yaml").read_text()
-    text = text.replace('_hpo_study-{study_hash}{semantic_suffix}{version}"', '_sweep{version}"')
+    text = text.replace(
+        '"sweep{version} {study_hash}{semantic_suffix} {model}"', '"{env}_{model}_sweep{version}"'
+    )
     path = tmp_path / "custom.yaml"
     path.write_text(text)
     policy = NamingPolicy.from_yaml(path)
@@ -576,7 +579,7 @@ def test_rendered_names_are_always_valid_or_policy_error(
         conv_fp="c" * 8,
         parent_training_id="spec_aa_exec_bb/v1",
     )
-    _check_name(NamingPolicy.default(), run_spec, version=version, run_id=run_id)
+    _check_name(NamingPolicy.seed(), run_spec, version=version, run_id=run_id)
 
 
 @settings(max_examples=200, deadline=None)
@@ -590,7 +593,7 @@ def test_model_normalisation_makes_names_safe(model: str) -> None:
     # Only '/', '-' and space are rewritten; everything else is kept as given.
     run_spec = spec("hpo_sweep", model, study_key_hash=STUDY)
     try:
-        name = NamingPolicy.default().base_name(run_spec)
+        name = NamingPolicy.seed().base_name(run_spec)
     except PolicyError as e:
         assert "hpo_sweep" in str(e)
         too_long = len(f"local_{model}_hpo_study-350a79aa") > 256
@@ -614,7 +617,7 @@ def test_base_name_is_deterministic_and_pure(
         "hpo_trial", model, study_name=study_name, study_key_hash=STUDY, trial_number=trial_number
     )
     before = run_spec.model_dump_json()
-    first, second = NamingPolicy.default(), NamingPolicy.default()
+    first, second = NamingPolicy.seed(), NamingPolicy.seed()
     outcomes = []
     for policy in (first, second, first):
         try:
@@ -623,7 +626,7 @@ def test_base_name_is_deterministic_and_pure(
             outcomes.append(f"error: {e}")
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert run_spec.model_dump_json() == before
-    assert first == second == NamingPolicy.default()
+    assert first == second == NamingPolicy.seed()
     if not outcomes[0].startswith("error"):
         assert not outcomes[0].endswith("_1")
         assert outcomes[0].endswith(f"_t{trial_number:02d}")

@@ -229,6 +229,7 @@ def test_plain_values_are_unchanged() -> None:
         "distilbert-base-uncased",
         "0.001",
         "local_m_hpo_trial_study-350a79aa_t05_1",
+        "t05_1 m study-350a79aa",
         "a=b",
         "",
     ]

@@ -99,7 +99,7 @@ def test_seed_versions_only_where_the_seed_versioned() -> None:
     assert versioned == {"hpo_sweep", "hpo_trial", "hpo_refit", "benchmarking"}
 
 
-def test_seed_file_with_some_kinds_keeps_the_default_for_the_rest(tmp_path: Path) -> None:
+def test_seed_file_with_some_kinds_keeps_the_seeds_for_the_rest(tmp_path: Path) -> None:
     data = yaml.safe_load(SEED_NAMING.read_text(encoding="utf-8"))
     data["run_names"] = {"hpo_trial": data["run_names"]["hpo_trial"]}
     data["run_names"]["hpo_trial"]["pattern"] = "{env}_{model}_trial{trial_number}{version}"
@@ -108,7 +108,8 @@ def test_seed_file_with_some_kinds_keeps_the_default_for_the_rest(tmp_path: Path
     policy = NamingPolicy.from_yaml(path)
     trial = RunSpec(kind="hpo_trial", **COMMON)
     assert policy.render(trial, version=1) == "colab_distilbert_base_uncased_trial05_1"
-    assert policy.kinds["hpo_sweep"] == NamingPolicy.default().kinds["hpo_sweep"]
+    # The kinds the file leaves out are named as the seed named them, not by the new default.
+    assert policy.kinds["hpo_sweep"] == NamingPolicy.seed().kinds["hpo_sweep"]
 
 
 @pytest.mark.parametrize(

@@ -162,14 +162,13 @@ def check_tree(tracker: Tracker, other: Tracker, runs: dict[str, Any]) -> None:
     sweep_id = runs["sweep"].id
     exp = tracker.experiment_id
     names = {key: run.info.run_name for key, run in info.items()}
-    assert names["sweep"] == f"local_distilbert_hpo_study-{STUDY[:8]}_nerstudy_1"
-    assert names["trial1"] == f"local_distilbert_hpo_trial_study-{STUDY[:8]}_t01_1"
-    assert names["fold11"] == f"local_distilbert_hpo_trial_study-{STUDY[:8]}_t01_fold1"
-    assert names["refit"] == f"local_distilbert_hpo_refit_study-{STUDY[:8]}_trial-trial1xx_t01_1"
-    assert names["final"] == "local_distilbert_final_training_spec-abc123de_exec-fedcba98_v2"
-    assert names["conversion"] == (
-        "local_distilbert_conversion_spec-abc123de_exec-fedcba98_v2_conv-conv0000"
-    )
+    assert names["sweep"] == f"sweep_1 {STUDY[:8]}_nerstudy distilbert"
+    assert names["trial1"] == f"t01_1 distilbert study-{STUDY[:8]}"
+    assert names["fold11"] == f"t01 fold1 distilbert study-{STUDY[:8]}"
+    assert names["refit"] == f"refit t01_1 distilbert study-{STUDY[:8]} trial-trial1xx"
+    assert names["final"] == "final abc123de v2 distilbert exec-fedcba98"
+    assert names["bench"] == f"bench_1 bench567 distilbert study-{STUDY[:8]} trial-trial1xx"
+    assert names["conversion"] == "conv conv0000 abc123de v2 distilbert exec-fedcba98"
     parents = {key: run.data.tags.get("mlflow.parentRunId") for key, run in info.items()}
     assert parents["sweep"] is None and parents["final"] is None and parents["bench"] is None
     assert parents["trial0"] == parents["trial1"] == parents["refit"] == sweep_id
@@ -267,14 +266,14 @@ def test_versions_assigned_at_creation(trainkit_store: TrainkitStore) -> None:
         run = tracker.start_run(spec)
         names.append(run.name)
         run.end()
-    base = f"local_distilbert_hpo_study-{STUDY[:8]}"
-    assert names == [f"{base}_1", f"{base}_2", f"{base}_3"]
+    base = f"sweep {STUDY[:8]} distilbert"
+    assert names == [f"sweep_{n} {STUDY[:8]} distilbert" for n in (1, 2, 3)]
     tags = tags_of(trainkit_store.uri, tracker.find(spec)[0])
     assert tags["code.version"] == "3" and tags["code.base_name"] == base
     explicit = tracker.start_run(sweep_spec(run_name="my own name"))
     assert explicit.name == "my own name"
     explicit.end()
-    assert tracker.start_run(spec).name == f"{base}_4"
+    assert tracker.start_run(spec).name == f"sweep_4 {STUDY[:8]} distilbert"
 
 
 def test_deleted_run_number_is_never_reused(trainkit_store: TrainkitStore) -> None:
@@ -283,7 +282,7 @@ def test_deleted_run_number_is_never_reused(trainkit_store: TrainkitStore) -> No
     first, second = tracker.start_run(spec), tracker.start_run(spec)
     MlflowClient(trainkit_store.uri).delete_run(second.id)
     third = tracker.start_run(spec)
-    assert third.name.endswith("_3")
+    assert third.name.startswith("sweep_3 ")
     for run in (first, third):
         run.end()
 
@@ -330,12 +329,15 @@ def run_concurrently(uri: str, count: int, barrier: Path) -> list[str]:
     return [out.strip().splitlines()[-1] for out, _ in outs]
 
 
+def version_of(name: str) -> int:
+    """N of a default sweep name ``sweep_N <hash> <model>``."""
+    return int(name.split(" ", 1)[0].removeprefix("sweep_"))
+
+
 @pytest.mark.slow
 def test_sixteen_processes_get_distinct_versions_on_sqlite(trainkit_store: TrainkitStore) -> None:
     names = run_concurrently(trainkit_store.uri, 16, trainkit_store.root / "barrier")
-    assert sorted(names, key=lambda n: int(n.rsplit("_", 1)[1])) == [
-        f"local_bert_hpo_study-cafe0123_{n}" for n in range(1, 17)
-    ]
+    assert sorted(names, key=version_of) == [f"sweep_{n} cafe0123 bert" for n in range(1, 17)]
 
 
 @pytest.mark.slow
@@ -344,9 +346,7 @@ def test_sixteen_processes_get_distinct_versions_on_postgres_server(
     trainkit_postgres_server: Any, trainkit_store: TrainkitStore
 ) -> None:
     names = run_concurrently(trainkit_postgres_server.uri, 16, trainkit_store.root / "barrier")
-    assert sorted(names, key=lambda n: int(n.rsplit("_", 1)[1])) == [
-        f"local_bert_hpo_study-cafe0123_{n}" for n in range(1, 17)
-    ]
+    assert sorted(names, key=version_of) == [f"sweep_{n} cafe0123 bert" for n in range(1, 17)]
 
 
 # Resume and find -----------------------------------------------------------------
@@ -363,7 +363,7 @@ def test_resume_unfinished_keeps_id_and_name(trainkit_store: TrainkitStore) -> N
     again.end()
     fresh = tracker.start_run(spec, resume=True)  # the only match is FINISHED: a new run
     assert fresh.id != first.id
-    assert fresh.name.endswith("_2")
+    assert fresh.name.startswith("t07_2 ")
     fresh.end()
     assert tracker.find(spec) == [fresh.id, first.id]
     assert tracker.find(sweep_spec(kind="hpo_trial", trial_number=8)) == []
@@ -453,7 +453,7 @@ def test_final_training_without_fingerprints_uses_run_id_fallback(
         RunSpec(kind="final_training", model="bert-base", environment="colab")
     ) as run:
         pass
-    assert run.name == f"colab_bert_base_training_{run.id[:8]}"
+    assert run.name == f"final {run.id[:8]} bert_base"
     assert MlflowClient(trainkit_store.uri).get_run(run.id).info.run_name == run.name
     assert tags_of(trainkit_store.uri, run.id)["code.run_name"] == run.name
 
@@ -480,7 +480,7 @@ def test_versions_stay_unique_after_mlflow_gc_purges_the_claims(
     assert claims == []
     later = Tracker("exp")  # a new process would start with no cached numbers either
     third = later.start_run(spec)
-    assert names[1].endswith("_2") and third.name.endswith("_3")
+    assert names[1].startswith("sweep_2 ") and third.name.startswith("sweep_3 ")
     third.end()
 
 

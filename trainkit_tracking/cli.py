@@ -189,22 +189,21 @@ _KINDS = tuple(kind.value for kind in RunKind)
 @click.option("--run-id", help="Fills {run_id} in patterns that use it (else 'unknown').")
 @click.option(
     "--policy",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A naming policy YAML file (default: the built-in policy).",
+    metavar="FILE",
+    help="A naming policy YAML file, or 'default' or 'seed' (default: TRAINKIT_NAMING_POLICY, "
+    "else the default policy).",
 )
-def name(kind: str, model: str, run_id: str | None, policy: Path | None, **fields: Any) -> None:
+def name(kind: str, model: str, run_id: str | None, policy: str | None, **fields: Any) -> None:
     """Print the base name (without version) the naming policy gives a run.
 
     An invalid spec exits 2 with one line naming the field.
     """
-    from trainkit_tracking._cli.naming import build_spec
-    from trainkit_tracking._core.naming import NamingPolicy
+    from trainkit_tracking._cli.naming import build_spec, load_policy
     from trainkit_tracking.errors import PolicyError
 
     spec = build_spec(kind, model, fields)
     try:
-        naming = NamingPolicy.from_yaml(policy) if policy else NamingPolicy.default()
-        click.echo(naming.base_name(spec, run_id=run_id))
+        click.echo(load_policy(policy).base_name(spec, run_id=run_id))
     except (PolicyError, OSError, UnicodeDecodeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
 
@@ -232,33 +231,9 @@ def tree(
     timeout: float,
 ) -> None:
     """Draw the run tree with status, duration and a metric, ordered by start time."""
-    from trainkit_tracking._core.spec import validate_run_id
+    from trainkit_tracking._cli.tree import draw
 
-    if run_id is not None:
-        try:
-            validate_run_id(run_id, "--run")
-        except ValueError as exc:
-            raise CliError(str(exc), EXIT_USAGE) from exc
-    elif not experiment:
-        raise CliError(
-            "no experiment: pass --experiment NAME or --run ID, or set MLFLOW_EXPERIMENT_NAME",
-            EXIT_USAGE,
-        )
-    store, _ = open_store(tracking_uri, timeout)
-    experiment_id = None
-    if run_id is None:
-        assert experiment is not None
-        experiment_id, _ = find_experiment(store, experiment)
-    text = render_tree(
-        store,
-        experiment_id=experiment_id,
-        run_id=run_id,
-        metric=metric,
-        ascii=use_ascii,
-        color=True,
-        show_ids=ids,
-    )
-    click.echo(text)
+    click.echo(draw(tracking_uri, experiment, run_id, metric, ids, use_ascii, timeout))
 
 
 # sync -----------------------------------------------------------------------------

@@ -8,19 +8,23 @@ from __future__ import annotations
 import re
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 import click
 
-from trainkit_tracking._core.redact import redact_value
+from trainkit_tracking._core.redact import get_logger, redact_value
+from trainkit_tracking._core.suggest import close_names, did_you_mean
 from trainkit_tracking._store.store import Store, sqlite_path
 from trainkit_tracking.errors import TrackingError
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+
+log = get_logger(__name__)
 
 HIDDEN_EXPERIMENT_PREFIX = ".trainkit"
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
@@ -122,9 +126,11 @@ def resolve_uri(tracking_uri: str | None) -> Resolved:
     """SPEC section 6 resolution through the Tracker, with its warnings collected."""
     import warnings
 
+    from trainkit_tracking._core.naming import NamingPolicy
     from trainkit_tracking._runs.tracker import Tracker
 
-    tracker = Tracker(None, tracking_uri)
+    # Only the URI is wanted: a bad TRAINKIT_NAMING_POLICY must not stop every command.
+    tracker = Tracker(None, tracking_uri, policy=NamingPolicy.default(), cv_metrics=())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         uri, source = tracker.resolve_tracking_uri()
@@ -165,15 +171,54 @@ def find_experiment(store: Store, name_or_id: str) -> tuple[str, str]:
     """
     experiment = store.find_experiment(name_or_id)
     if experiment is None:
+        hint = experiment_hint(store, name_or_id)
         raise CliError(
-            f"experiment {name_or_id!r} does not exist (yet) in {store.shown_uri}; check the "
-            "name (or pass --tracking-uri for another store)"
+            f"experiment {name_or_id!r} does not exist (yet) in {store.shown_uri}; "
+            f"{hint + ' ' if hint else ''}check the name (or pass --tracking-uri for another "
+            "store)"
         )
     if experiment.deleted:
         raise CliError(
             f"experiment {name_or_id!r} is deleted; restore it with `mlflow experiments restore`"
         )
     return experiment.experiment_id, experiment.name
+
+
+def experiment_hint(store: Store, name: str) -> str:
+    """``did you mean 'x'?`` over the store's experiment names, or ``''``."""
+    try:
+        names = [e.name for e in store.list_experiments()]
+    except Exception as exc:  # only the hint is lost; the caller reports the problem
+        log.debug("could not list experiments for a hint: %s", exc)
+        return ""
+    return did_you_mean(name, [n for n in names if not n.startswith(HIDDEN_EXPERIMENT_PREFIX)])
+
+
+def run_hint(store: Store, given: str, experiment_ids: Sequence[str] | None = None) -> str:
+    """``did you mean <id> (<name>)?`` for a run id (or a run name) that matched no run:
+    runs whose id starts with ``given``, whose name is ``given``, or whose name or id is
+    close to it, in ``experiment_ids`` (default: every experiment); ``''`` when none is."""
+    try:
+        ids = list(experiment_ids or [e for e, _ in all_experiments(store)])
+        records = [r for i in range(0, len(ids), 50) for r in store.search(ids[i : i + 50])]
+    except Exception as exc:  # only the hint is lost
+        log.debug("could not search runs for a hint: %s", exc)
+        return ""
+    by_name: dict[str, list[str]] = {}
+    for record in records:
+        by_name.setdefault(record.name, []).append(record.run_id)
+    names = {r.run_id: r.name for r in records}
+    low = given.lower()
+    found = [r.run_id for r in records if low and r.run_id.startswith(low)]
+    found += by_name.get(given, [])
+    for close in close_names(given, by_name, n=3):
+        found += by_name[close]
+    found += close_names(low, names, n=3)
+    picked = list(dict.fromkeys(found))[:3]
+    if not picked:
+        return ""
+    listed = " or ".join(f"{run_id} ({names[run_id]!r})" for run_id in picked)
+    return f"did you mean {listed}?"
 
 
 def all_experiments(store: Store) -> list[tuple[str, str]]:

@@ -5,7 +5,6 @@ Secrets in what it shows are masked.
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
 from collections.abc import Mapping
@@ -16,15 +15,18 @@ from pathlib import Path
 from trainkit_tracking._cli.common import (
     SOURCE_LABELS,
     describe,
+    experiment_hint,
     one_line,
     probe_tcp,
     resolve_uri,
 )
 from trainkit_tracking._core import env as _env
+from trainkit_tracking._core.naming import NamingPolicy
 from trainkit_tracking._core.platform import detect_platform
 from trainkit_tracking._core.redact import get_logger, redact
 from trainkit_tracking._store.store import Store, sqlite_path
 from trainkit_tracking._version import __version__
+from trainkit_tracking.errors import PolicyError
 
 log = get_logger(__name__)
 
@@ -54,6 +56,7 @@ _ORDER = (
     "store",
     "spool",
     "senders",
+    "naming policy",
     "environment",
 )
 
@@ -150,24 +153,34 @@ def _check_experiment(store: Store, name: str, timeout: float, report: Report) -
 
 def _missing_experiment(store: Store, name: str) -> str:
     """The problem line for an experiment that is not in the store, with near names."""
-    try:
-        names = [e.name for e in store.list_experiments()]
-    except Exception as exc:  # only the hint is lost; the problem is reported all the same
-        log.debug("could not list experiments for a hint: %s", exc)
-        names = []
-    close = difflib.get_close_matches(name, [n for n in names if not n.startswith(".")], n=3)
-    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    hint = experiment_hint(store, name)
+    hint = f"{hint} " if hint else ""
     return (
         f"experiment {name!r} does not exist yet in {store.shown_uri}: {hint}check the "
         "name; if nothing was tracked to it yet, it is created when the first run starts"
     )
 
 
+def _check_naming(environ: Mapping[str, str], report: Report) -> None:
+    """The naming policy a Tracker would use (TRAINKIT_NAMING_POLICY), or why it cannot."""
+    raw = environ.get(_env.TRAINKIT_NAMING_POLICY, "").strip()
+    try:
+        NamingPolicy.from_env(environ)
+    except PolicyError as exc:
+        report.add("naming policy", "(invalid)")
+        report.problems.append(describe(exc))
+        return
+    shown = raw if len(raw) <= 80 and not raw.startswith("{") else "a policy handed over"
+    report.add("naming policy", f"{shown} ({_env.TRAINKIT_NAMING_POLICY})" if raw else "default")
+
+
 def _check_offline(environ: Mapping[str, str], timeout: float, report: Report) -> None:
     """Runs the local store holds for a push (created while the tracking store was away)."""
     from trainkit_tracking._runs.tracker import Tracker
 
-    local = Tracker(None, environ=environ)._local_uri()
+    local = Tracker(
+        None, environ=environ, policy=NamingPolicy.default(), cv_metrics=()
+    )._local_uri()
     path = sqlite_path(local)
     if path is None or not path.exists():
         return
@@ -292,6 +305,7 @@ def doctor(
         except Exception as exc:  # doctor reports; it never crashes on what it checks
             report.add("store", "check failed")
             report.problems.append(f"checking the store failed: {describe(exc)}")
+    _check_naming(env, report)
     _check_spool(spool_dir, report)
     _check_offline(env, timeout, report)
     variables = _environment(env)

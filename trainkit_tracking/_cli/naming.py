@@ -55,6 +55,23 @@ def spec_error(exc: ValidationError, given: Collection[str]) -> str:
     return "invalid spec: " + "; ".join(parts)
 
 
+def load_policy(given: str | None) -> NamingPolicy:
+    """The policy of ``--policy``: a preset name or a file (a missing one gets close names),
+    else the one TRAINKIT_NAMING_POLICY selects, as for a Tracker."""
+    from trainkit_tracking._core import env as _env
+    from trainkit_tracking._core.presets import PRESETS
+    from trainkit_tracking._core.yaml_files import missing_file_hint
+
+    if given is None:
+        return NamingPolicy.from_env()
+    if given.lower() in PRESETS:
+        return NamingPolicy.from_env({_env.TRAINKIT_NAMING_POLICY: given})
+    hint = missing_file_hint(given, extra=PRESETS)
+    if hint is not None:
+        raise CliError(f"{hint}pass a naming policy YAML file, 'default' or 'seed'", EXIT_USAGE)
+    return NamingPolicy.from_yaml(given)
+
+
 def build_spec(kind: str, model: str, options: Mapping[str, Any]) -> RunSpec:
     """The RunSpec of the ``name`` options; CliError (exit 2) naming the bad or missing option."""
     run_kind = RunKind(kind.lower())
@@ -120,6 +137,12 @@ _POLICY_HEADER = """\
 # or check it with `trainkit-tracking policy check FILE`. With `extends: default`,
 # list only the kinds you change: the others keep these patterns.
 # Placeholders and the fallback rule: the Naming page of the documentation.
+"""
+SEED_HEADER = """\
+# The seed training repo's naming policy (`trainkit-tracking policy show --seed`),
+# the default of trainkit-tracking until 0.2: NamingPolicy.seed(). Set
+# TRAINKIT_NAMING_POLICY=seed (or Tracker(policy=NamingPolicy.seed())) to keep these
+# names; a file with `extends: seed` lists only the kinds it changes.
 """
 _FALLBACK_COMMENT = (
     "    # Used when spec_fp or exec_fp is missing; the Tracker renames the run right\n"

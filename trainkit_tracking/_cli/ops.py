@@ -102,8 +102,8 @@ def reap(
 
     Each stale run is read again just before it is ended, so a run whose heartbeat came
     back meanwhile is left alone. It gets ``code.interrupted=true`` first, then status
-    KILLED with its last heartbeat as end time (the moment it was last known alive),
-    or now when it never sent one.
+    KILLED with its last sign of life as end time: its last heartbeat (else its start
+    time), or its last metric point when that came later.
     """
     keys = keys or TagKeys.default()
     heartbeat, interrupted = keys["heartbeat"], keys["interrupted"]
@@ -136,9 +136,12 @@ def _end(
     if fresh is None:
         report.revived += 1
         return
-    end_time = int((fresh.last_seen if fresh.seen_by == "heartbeat" else now) * 1000)
-    if fresh.record.start_time is not None:
-        end_time = max(end_time, fresh.record.start_time)
+    # Its last sign of life: the last heartbeat (else the start), never before its last point.
+    end_time = int(fresh.last_seen * 1000)
+    last_point = store.last_point_time(fresh.record.run_id)
+    for later in (fresh.record.start_time, last_point):
+        if later is not None:
+            end_time = max(end_time, later)
     store.set_tags(fresh.record.run_id, {interrupted: "true"})
     store.terminate(fresh.record.run_id, "KILLED", end_time)
     report.ended.append(fresh)

@@ -240,3 +240,68 @@ def render_tree(
         return header
     rows = _rows(records, roots, metric, _ASCII if ascii else _UNICODE, now_ms)
     return "\n".join([header, *_layout(rows, color=color, show_ids=show_ids)])
+
+
+def draw(
+    tracking_uri: str | None,
+    experiment: str | None,
+    run_id: str | None,
+    metric: str | None,
+    show_ids: bool,
+    use_ascii: bool,
+    timeout: float,
+) -> str:
+    """What ``trainkit-tracking tree`` prints; a run or experiment that is not there gets a
+    CliError with the close ones."""
+    from trainkit_tracking._cli.common import (
+        EXIT_USAGE,
+        CliError,
+        find_experiment,
+        open_store,
+        run_hint,
+    )
+
+    if run_id is None and not experiment:
+        raise CliError(
+            "no experiment: pass --experiment NAME or --run ID, or set MLFLOW_EXPERIMENT_NAME",
+            EXIT_USAGE,
+        )
+    store, _ = open_store(tracking_uri, timeout)
+    if run_id is None:
+        assert experiment is not None
+        experiment_id, _ = find_experiment(store, experiment)
+    else:
+        within = _experiment_ids(store, experiment)  # where to look for close runs
+        try:
+            validate_run_id(run_id, "--run")
+            store.get_run(run_id)
+        except StoreUnavailableError:
+            raise
+        except ValueError as exc:  # not an id at all: a run name, a cut id?
+            hint = run_hint(store, run_id, within)
+            raise CliError(f"{exc}{'; ' + hint if hint else ''}", EXIT_USAGE) from exc
+        except Exception as exc:
+            hint = run_hint(store, run_id, within)
+            raise CliError(
+                f"run {run_id!r} not found in {store.shown_uri}"
+                + (f"; {hint}" if hint else f": {redact_value(str(exc))}")
+            ) from exc
+        experiment_id = None
+    return render_tree(
+        store,
+        experiment_id=experiment_id,
+        run_id=run_id,
+        metric=metric,
+        ascii=use_ascii,
+        color=True,
+        show_ids=show_ids,
+    )
+
+
+def _experiment_ids(store: Store, experiment: str | None) -> list[str] | None:
+    """[the id of ``experiment``] if it exists, else None (every experiment)."""
+    try:
+        found = store.find_experiment(experiment) if experiment else None
+    except Exception:  # only a narrower search for hints is lost
+        return None
+    return [found.experiment_id] if found is not None else None

@@ -33,6 +33,12 @@ TRAINKIT_EXIT_TIMEOUT = "TRAINKIT_EXIT_TIMEOUT"
 TRAINKIT_SENDER = "TRAINKIT_SENDER"
 TRAINKIT_SENDER_LINGER = "TRAINKIT_SENDER_LINGER"
 TRAINKIT_MAX_MEMORY_MB = "TRAINKIT_MAX_MEMORY_MB"
+# The naming policy of a Tracker built without policy=: default, seed, or a YAML path
+# (docs/naming.md); a Tracker hands its own policy to subprocesses here, as JSON.
+TRAINKIT_NAMING_POLICY = "TRAINKIT_NAMING_POLICY"
+# The CV summary's metrics of a Tracker built without cv_metrics= (comma-separated names
+# or patterns; docs/kfold-hpo.md); a Tracker hands its own to subprocesses here.
+TRAINKIT_CV_METRICS = "TRAINKIT_CV_METRICS"
 
 # Variables removed from a subprocess environment before ours are added.
 STALE_HANDOVER = (

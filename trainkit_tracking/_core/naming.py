@@ -1,10 +1,12 @@
-"""Run names from a RunSpec: the naming policy of SPEC section 4, loadable from a file.
+"""Run names from a RunSpec: the naming policies of SPEC sections 4 and 18, loadable from a file.
 
-Pure: rendering does no I/O and imports no mlflow; only ``from_yaml`` reads its file.
+Pure: rendering does no I/O and imports no mlflow; only ``from_yaml`` (and ``from_env``
+with a path) reads a file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -12,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from trainkit_tracking._core import env as _env
 from trainkit_tracking._core import seed_policy as _seed
 from trainkit_tracking._core.patterns import (
     REQUIRED_PLACEHOLDERS,
@@ -22,7 +25,9 @@ from trainkit_tracking._core.patterns import (
     uses,
     validated,
 )
+from trainkit_tracking._core.presets import DEFAULT_KINDS, PRESETS, SEED_KINDS
 from trainkit_tracking._core.spec import RunKind, RunSpec, parse_training_id
+from trainkit_tracking._core.suggest import did_you_mean
 from trainkit_tracking.errors import PolicyError
 
 HASH_LENGTH = 8
@@ -30,38 +35,6 @@ RUN_ID_LENGTH = 8
 SUFFIX_LENGTH = 30
 UNKNOWN = "unknown"
 POLICY_FORMAT_VERSION = 1
-
-_DEFAULT_KINDS: dict[str, dict[str, str]] = {
-    "hpo_sweep": {
-        "pattern": "{env}_{model}_hpo_study-{study_hash}{semantic_suffix}{version}",
-    },
-    "hpo_trial": {
-        "pattern": "{env}_{model}_hpo_trial_study-{study_hash}_t{trial_number}{version}",
-    },
-    "hpo_trial_fold": {
-        "pattern": "{env}_{model}_hpo_trial_study-{study_hash}_t{trial_number}_fold{fold_idx}",
-    },
-    "hpo_refit": {
-        "pattern": (
-            "{env}_{model}_hpo_refit_study-{study_hash}_trial-{trial_hash}_t{trial_number}{version}"
-        ),
-    },
-    "final_training": {
-        "pattern": "{env}_{model}_final_training_spec-{spec_hash}_exec-{exec_hash}_v{variant}",
-        "fallback": "{env}_{model}_training_{run_id}",
-    },
-    "benchmarking": {
-        "pattern": (
-            "{env}_{model}_benchmark_study-{study_hash}_trial-{trial_hash}"
-            "_bench-{bench_hash}{version}"
-        ),
-    },
-    "conversion": {
-        "pattern": (
-            "{env}_{model}_conversion_spec-{spec_hash}_exec-{exec_hash}_v{variant}_conv-{conv_hash}"
-        ),
-    },
-}
 
 _TOP_KEYS = ("version", "extends", "kinds")
 _SUFFIX_DROP_RE = re.compile(r"[^A-Za-z0-9_-]")
@@ -147,16 +120,59 @@ class NamingPolicy(BaseModel):
 
     @classmethod
     def default(cls) -> NamingPolicy:
-        """The default policy (what ``trainkit-tracking policy show`` prints)."""
-        return cls.from_dict({"version": POLICY_FORMAT_VERSION, "kinds": _DEFAULT_KINDS})
+        """The default policy (what ``trainkit-tracking policy show`` prints): names whose
+        first 18 characters tell siblings apart (SPEC section 18)."""
+        return cls.from_dict({"version": POLICY_FORMAT_VERSION, "kinds": DEFAULT_KINDS})
+
+    @classmethod
+    def seed(cls) -> NamingPolicy:
+        """The seed training repo's policy (SPEC section 4), the default until 0.2:
+        ``{env}_{model}_hpo_trial_study-{study_hash}_t{trial_number}{version}``..."""
+        return cls.from_dict({"version": POLICY_FORMAT_VERSION, "kinds": SEED_KINDS})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> NamingPolicy:
+        """The policy ``TRAINKIT_NAMING_POLICY`` selects: ``default`` (also when unset),
+        ``seed``, or the path of a policy file. A policy as JSON (``{...}``) is accepted
+        too: that is how a Tracker hands its policy to the subprocesses it starts.
+
+        Raises PolicyError naming the variable and its value when it is none of these.
+        """
+        environ = os.environ if environ is None else environ
+        raw = environ.get(_env.TRAINKIT_NAMING_POLICY, "").strip()
+        if not raw:
+            return cls.default()
+        if raw.lower() in PRESETS:
+            return cls._preset(raw.lower())
+        shown = raw if len(raw) <= 200 else f"{raw[:200]}..."
+        where = f"environment variable {_env.TRAINKIT_NAMING_POLICY}={shown!r}"
+        if not raw.startswith("{"):
+            from trainkit_tracking._core.yaml_files import missing_file_hint
+
+            hint = missing_file_hint(raw, extra=PRESETS)
+            if hint is not None:
+                raise PolicyError(
+                    f"{where} is neither 'default', 'seed' nor an existing policy file "
+                    f"({hint.rstrip('; ')}); set it to 'default', 'seed' or the path of a "
+                    "naming policy YAML file, or unset it"
+                )
+        try:
+            return cls.from_dict(json.loads(raw)) if raw.startswith("{") else cls.from_yaml(raw)
+        except ValueError as e:  # PolicyError, or JSON that does not parse
+            raise PolicyError(f"{where}: {e}") from e
+
+    @classmethod
+    def _preset(cls, name: str) -> NamingPolicy:
+        return cls.seed() if name == "seed" else cls.default()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NamingPolicy:
         """Build a policy from ``{"version": 1, "kinds": {kind: {"pattern", "fallback"}}}``.
 
-        Every kind needs a pattern, unless ``"extends": "default"`` is given: then the
-        kinds not listed keep the default policy's. The seed repo's ``config/naming.yaml``
-        structure (``run_names``) is read too. Raises PolicyError naming the kind and the
+        Every kind needs a pattern, unless ``"extends"`` names a built-in policy
+        (``"default"`` or ``"seed"``): then the kinds not listed keep its patterns. The
+        seed repo's ``config/naming.yaml`` structure (``run_names``) is read too (kinds
+        it does not list keep the seed's patterns). Raises PolicyError naming the kind and the
         bad part.
         """
         if not isinstance(data, Mapping):
@@ -173,9 +189,11 @@ class NamingPolicy(BaseModel):
                 "only 'version', 'extends' and 'kinds' are allowed"
             )
         extends = data.get("extends")
-        if extends not in (None, "default"):
+        if extends is not None and extends not in PRESETS:
+            hint = did_you_mean(str(extends), PRESETS)
             raise PolicyError(
-                f"naming policy 'extends' must be 'default' (or left out), got {extends!r}"
+                f"naming policy 'extends' must be 'default' or 'seed' (or left out), got "
+                f"{extends!r}" + (f"; {hint}" if hint else "")
             )
         version = data.get("version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION or isinstance(version, bool):
@@ -193,16 +211,17 @@ class NamingPolicy(BaseModel):
         for raw_kind, entry in kinds.items():
             kind = raw_kind.value if isinstance(raw_kind, RunKind) else raw_kind
             if kind not in known:
+                hint = did_you_mean(str(kind), known)
                 raise PolicyError(
-                    f"naming policy has an unknown kind {kind!r}; "
+                    f"naming policy has an unknown kind {kind!r}; {hint + ' ' if hint else ''}"
                     f"known kinds: {', '.join(k.value for k in RunKind)}"
                 )
             entries[kind] = check_entry(kind, entry)
         for kind in RunKind:
             if kind.value not in entries:
-                if extends != "default":
+                if extends is None:
                     raise missing_kind(kind.value)
-                default = _DEFAULT_KINDS[kind.value]
+                default = PRESETS[extends][kind.value]
                 entries[kind.value] = {
                     "pattern": default["pattern"],
                     "fallback": default.get("fallback"),
@@ -293,3 +312,32 @@ class NamingPolicy(BaseModel):
         ):
             return entry.fallback
         return entry.pattern
+
+
+def env_value(policy: NamingPolicy) -> str:
+    """What ``TRAINKIT_NAMING_POLICY`` says for a subprocess to name runs as ``policy`` does:
+    the preset's name, else the policy as JSON (never a path, which the child may not see)."""
+    for name in PRESETS:
+        if policy == NamingPolicy._preset(name):
+            return name
+    return json.dumps(policy.to_dict(), separators=(",", ":"))
+
+
+def renumbered(name: str, base: str, old: int, new: int) -> str | None:
+    """``name`` (``base`` rendered with version ``old``) with version ``new`` instead.
+
+    A version renders ``_N`` where the pattern has ``{version}``; the policy is not needed
+    to find it again: it is the ``_<old>`` whose removal gives ``base`` (the rightmost,
+    should several). None when ``name`` is not ``base`` with that version (renamed by hand).
+    """
+    mark = f"_{old}"
+    if len(name) != len(base) + len(mark):
+        return None
+    for at in range(len(base), -1, -1):
+        if (
+            name[:at] == base[:at]
+            and name[at:].startswith(mark)
+            and name[at + len(mark) :] == base[at:]
+        ):
+            return f"{base[:at]}_{new}{base[at:]}"
+    return None

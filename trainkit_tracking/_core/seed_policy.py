@@ -145,7 +145,7 @@ def naming_policy_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     """Our policy format (``{"version", "extends", "kinds"}``) from the seed's naming.yaml.
 
     Versions stay only on the kinds the seed versioned (sweep, trial, refit, benchmarking);
-    kinds the file does not list come from the default policy.
+    kinds the file does not list come from the seed's own policy (``NamingPolicy.seed()``).
     """
     _check_globals(data)
     run_names = data.get("run_names")
@@ -168,7 +168,7 @@ def naming_policy_dict(data: Mapping[str, Any]) -> dict[str, Any]:
         if kind not in SEED_VERSIONED:
             pattern = _strip(pattern, "version")
         kinds[str(kind)] = {"pattern": pattern}
-    return {"version": 1, "extends": "default", "kinds": kinds}
+    return {"version": 1, "extends": "seed", "kinds": kinds}
 
 
 # (section, name) of the seed's tags.yaml -> our logical tag name. Seed names without an

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trainkit_tracking._core.fingerprint import fingerprint
 from trainkit_tracking._core.platform import detect_platform
+from trainkit_tracking._core.suggest import did_you_mean
 
 _ENV_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -123,6 +124,24 @@ def training_id(spec_fp: str, exec_fp: str, variant: int = 1) -> str:
     return value
 
 
+def unknown_fields(model: type[BaseModel], data: Any) -> Any:
+    """``data`` unchanged; a ValueError (pydantic makes it a ValidationError) naming each key
+    that is not a field of ``model``, with the field it resembles (``fold`` -> ``fold_idx``)."""
+    if not isinstance(data, dict):
+        return data
+    fields = model.model_fields
+    unknown = [key for key in data if key not in fields]
+    if not unknown:
+        return data
+    parts = []
+    for key in unknown:
+        hint = did_you_mean(str(key), fields, n=1)
+        parts.append(f"{key!r}" + (f" ({hint})" if hint else ""))
+    raise ValueError(
+        f"{model.__name__} has no field {' or '.join(parts)}; its fields are {', '.join(fields)}"
+    )
+
+
 class Lineage(BaseModel):
     """Where a run comes from: the HPO sweep/trial/refit or the training it was built from."""
 
@@ -135,6 +154,11 @@ class Lineage(BaseModel):
     hpo_refit_run_id: str | None = None
     hpo_sweep_run_id: str | None = None
     parent_training_run_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return unknown_fields(cls, data)
 
     @field_validator(
         "hpo_trial_run_id", "hpo_refit_run_id", "hpo_sweep_run_id", "parent_training_run_id"
@@ -190,6 +214,11 @@ class RunSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return unknown_fields(cls, data)
+
+    @model_validator(mode="before")
+    @classmethod
     def _default_storage_env(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("storage_env"):
             environment = data.get("environment") or detect_platform()
@@ -224,6 +253,15 @@ class RunSpec(BaseModel):
             )
         if self.parent_training_id is not None and self.kind is RunKind.CONVERSION:
             parse_training_id(self.parent_training_id)
+        if self.kind is RunKind.BENCHMARKING and self.lineage is not None:
+            # A benchmark is named and grouped by the HPO study and trial it measures:
+            # tracker.lineage() carries them, so that they need not be copied by hand.
+            for field, source in (
+                ("study_key_hash", "hpo_study_key_hash"),
+                ("trial_key_hash", "hpo_trial_key_hash"),
+            ):
+                if getattr(self, field) is None and getattr(self.lineage, source) is not None:
+                    object.__setattr__(self, field, getattr(self.lineage, source))
         return self
 
     def child(self, kind: RunKind | str, **changes: Any) -> RunSpec:

@@ -87,6 +87,11 @@ _DEFAULT_KEYS: dict[str, str] = {
     # A run several processes hold (resume=True): one tag per holder, its heartbeat.
     "holder_prefix": "code.holder",
     "remote_parent_id": "code.remote_parent_id",
+    # A pushed run whose name got a version claimed in the target: the name it had offline.
+    "offline_name": "code.offline_name",
+    # MLflow's run description (Markdown): the lineage links of final, benchmark and
+    # conversion runs.
+    "description": "mlflow.note.content",
     # Run context (set by the Tracker at creation; docs/context.md): what mlflow.start_run
     # would set, so MLflow's UI shows who and what made the run.
     "mlflow_user": "mlflow.user",
@@ -112,6 +117,7 @@ _DEFAULT_KEYS: dict[str, str] = {
 
 # MLflow's own tags keep their meaning: these logical names cannot be mapped elsewhere.
 FIXED = (
+    "description",
     "mlflow_run_name",
     "parent_run_id",
     "mlflow_user",

@@ -282,6 +282,8 @@ def _benchmark_lineage(lineage: Lineage, keys: TagKeys) -> dict[str, str]:
     for field, parent_kind in _BENCH_PARENTS:
         value = getattr(lineage, field)
         if value is not None:
+            if field == "parent_training_run_id" and lineage.source == "conversion":
+                parent_kind = "conversion"  # tracker.lineage() of a conversion run
             tags[keys["lineage_parent_training_run_id"]] = value
             tags[keys["lineage_parent_kind"]] = parent_kind
             break

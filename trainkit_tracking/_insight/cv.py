@@ -26,6 +26,7 @@ from trainkit_tracking._insight.cv_stats import (
     metric_candidates,
     score,
     select_folds,
+    summarised,
     summarize,
 )
 from trainkit_tracking._process.bounded import bounded
@@ -55,6 +56,9 @@ class SummarisedRun(Protocol):
     @property
     def spec(self) -> RunSpec | None: ...
 
+    @property
+    def parent_id(self) -> str | None: ...
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
@@ -77,17 +81,46 @@ def fold_records(store: Store, experiment_id: str, run_id: str, keys: TagKeys) -
     return store.search([experiment_id], _children_filter(run_id, RunKind.HPO_TRIAL_FOLD, keys))
 
 
-def cv_summary(run: SummarisedRun, store: Store, keys: TagKeys) -> dict[str, float]:
-    """Read the fold children of ``run``, log their summary on it and return it ({} without folds)."""
-    summary = _read_summary(store, run.experiment_id, run.id, keys)
+def cv_summary(
+    run: SummarisedRun, store: Store, keys: TagKeys, patterns: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Read the fold children of ``run``, log their summary on it and return it ({} without
+    folds): the study's metric and the evaluation metrics, or ``patterns``."""
+    summary = _read_summary(store, run, keys, patterns)
     if summary:
         run.log_metrics(summary)
     return summary
 
 
-def _read_summary(store: Store, experiment_id: str, run_id: str, keys: TagKeys) -> dict[str, float]:
-    folds = fold_records(store, experiment_id, run_id, keys)
-    return summarize(folds, fold_key=keys["fold_idx"]) if folds else {}
+def _read_summary(
+    store: Store, run: SummarisedRun, keys: TagKeys, patterns: Sequence[str] | None
+) -> dict[str, float]:
+    folds = fold_records(store, run.experiment_id, run.id, keys)
+    if not folds:
+        return {}
+    return summarize(
+        folds,
+        fold_key=keys["fold_idx"],
+        study_metric=_study_metric(store, run.parent_id),
+        patterns=patterns,
+    )
+
+
+# (store, sweep id) -> the study's metric: one read per sweep and process, not per trial.
+_study_metrics: dict[tuple[str, str], str] = {}
+
+
+def _study_metric(store: Store, parent_id: str | None) -> str | None:
+    """The study's metric, tagged on the sweep (a trial's parent); None when it has none."""
+    if parent_id is None:
+        return None
+    key = (store.tracking_uri, parent_id)
+    if key not in _study_metrics:
+        metric = store.get_run(parent_id).tags.get(METRIC_TAG)
+        if not metric:
+            return None  # not tagged (yet): asked again next time
+        _study_metrics[key] = metric
+    return _study_metrics[key]
 
 
 def _number(record: RunRecord, keys: TagKeys) -> int | None:
@@ -117,7 +150,9 @@ def _folds_of(
     return by_trial
 
 
-def read_leaderboard(store: Store, sweep_id: str, keys: TagKeys) -> Leaderboard:
+def read_leaderboard(
+    store: Store, sweep_id: str, keys: TagKeys, patterns: Sequence[str] | None = None
+) -> Leaderboard:
     """The sweep's ``hpo_trial`` children with their fold summaries and main metric."""
     sweep = store.get_run(sweep_id)
     trials = store.search(
@@ -130,7 +165,12 @@ def read_leaderboard(store: Store, sweep_id: str, keys: TagKeys) -> Leaderboard:
     for trial in trials:
         chosen, _ = select_folds(folds[trial.run_id], keys["fold_idx"])
         if folds[trial.run_id]:
-            summary: Mapping[str, float] = summarize(folds[trial.run_id], fold_key=keys["fold_idx"])
+            summary: Mapping[str, float] = summarize(
+                folds[trial.run_id],
+                fold_key=keys["fold_idx"],
+                study_metric=study_metric,
+                patterns=patterns,
+            )
         else:  # folds gone (deleted) or never made: what the trial logged itself, if any
             summary = {k: v for k, v in trial.metrics.items() if k.startswith(PREFIX)}
         rows.append(
@@ -151,6 +191,7 @@ def read_leaderboard(store: Store, sweep_id: str, keys: TagKeys) -> Leaderboard:
         study_metric=study_metric,
         direction=direction if direction in ("MAXIMIZE", "MINIMIZE") else None,
         best_number=int(best_tag) if best_tag.isdigit() else None,
+        patterns=None if patterns is None else tuple(patterns),
     )
     if board.best_number is None and board.direction is not None:
         board = dataclasses.replace(board, best_number=_best(board))
@@ -176,9 +217,17 @@ def _best(board: Leaderboard) -> int | None:
 
 
 def write_csv(board: Leaderboard, path: Path) -> None:
-    """One row per trial: number, run id, status, params, own metrics, cv mean/std."""
+    """One row per trial: trial number, status and score first; then the score's spread,
+    name, id, params, the trial's own summarised metrics and the cv means and stds."""
     params = sorted({k for r in board.rows for k in r.record.params})
-    own = sorted({k for r in board.rows for k in r.record.metrics if not k.startswith(PREFIX)})
+    own = sorted(
+        {
+            k
+            for r in board.rows
+            for k in r.record.metrics
+            if not k.startswith(PREFIX) and summarised(k, board.study_metric, board.patterns)
+        }
+    )
     cv_names = sorted(
         {
             k[len(PREFIX) : -len(".mean")]
@@ -190,8 +239,8 @@ def write_csv(board: Leaderboard, path: Path) -> None:
     cv_columns = [f"{PREFIX}n_folds", f"{PREFIX}n_failed"] + [
         f"{PREFIX}{name}.{stat}" for name in cv_names for stat in ("mean", "std")
     ]
-    header = ["number", "run_id", "run_name", "status", "pruned"]
-    header += ["score_metric", "score", "score_std", "score_n"]
+    header = ["trial", "status", "score", "score_std", "score_n", "score_metric"]
+    header += ["pruned", "run_name", "run_id"]
     header += [f"params.{p}" for p in params] + own + cv_columns
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -201,14 +250,14 @@ def write_csv(board: Leaderboard, path: Path) -> None:
             main = row.score
             cells: list[object] = [
                 "" if row.number is None else row.number,
-                rec.run_id,
-                rec.name,
                 rec.status,
-                "true" if row.pruned else "false",
-                main.metric if main else "",
                 _cell(main.stats.mean) if main else "",
                 _cell(main.stats.std) if main and main.from_folds else "",
                 main.stats.n if main and main.from_folds else "",
+                main.metric if main else "",
+                "true" if row.pruned else "false",
+                rec.name,
+                rec.run_id,
             ]
             cells += [rec.params.get(p, "") for p in params]
             cells += [_cell(rec.metrics.get(m)) for m in own]
@@ -224,7 +273,13 @@ def _cell(value: float | None) -> str:
     return repr(float(value))
 
 
-def log_leaderboard(run: SummarisedRun, store: Store, keys: TagKeys, timeout: float) -> list[str]:
+def log_leaderboard(
+    run: SummarisedRun,
+    store: Store,
+    keys: TagKeys,
+    timeout: float,
+    patterns: Sequence[str] | None = None,
+) -> list[str]:
     """Write ``leaderboard.csv`` (and, with matplotlib, ``leaderboard.png``) into the sweep.
 
     Reads within ``timeout``; the files are uploaded by the run's logger and removed once
@@ -233,7 +288,7 @@ def log_leaderboard(run: SummarisedRun, store: Store, keys: TagKeys, timeout: fl
     # Tags set on the sweep so far (best trial, study metric) must be in the store first.
     run._wait_stored(timeout)
     board = bounded(
-        lambda: read_leaderboard(store, run.id, keys),
+        lambda: read_leaderboard(store, run.id, keys, patterns),
         timeout=timeout,
         what="reading the sweep's trials",
     )
@@ -265,7 +320,12 @@ def log_leaderboard(run: SummarisedRun, store: Store, keys: TagKeys, timeout: fl
 
 
 def at_end(
-    run: SummarisedRun, store: Store, keys: TagKeys, status: str, timeout: float | None
+    run: SummarisedRun,
+    store: Store,
+    keys: TagKeys,
+    status: str,
+    timeout: float | None,
+    patterns: Sequence[str] | None = None,
 ) -> None:
     """Before a run's end record: its CV summary, or a sweep's leaderboard. Never raises.
 
@@ -278,10 +338,10 @@ def at_end(
     limit = END_TIMEOUT if timeout is None else max(0.0, min(END_TIMEOUT, timeout / 2))
     try:
         if spec.kind == RunKind.HPO_SWEEP:
-            log_leaderboard(run, store, keys, limit)
+            log_leaderboard(run, store, keys, limit, patterns)
             return
         summary = bounded(
-            lambda: _read_summary(store, run.experiment_id, run.id, keys),
+            lambda: _read_summary(store, run, keys, patterns),
             timeout=limit,
             what="reading the fold runs",
         )

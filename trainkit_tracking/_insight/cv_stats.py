@@ -1,13 +1,15 @@
-"""Pure statistics over fold records: which folds count, their mean/std/min/max as
-``cv.*`` metrics, and a trial's score."""
+"""Pure statistics over fold records: which folds and metrics count, their mean/std/min/max
+as ``cv.*`` metrics, and a trial's score."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from trainkit_tracking._core.limits import MAX_KEY
 from trainkit_tracking._store.store import RunRecord
@@ -20,6 +22,53 @@ PREFIX = "cv."
 STATS = ("mean", "std", "min", "max")
 # The metric shown when none is asked for and the sweep names none: the first a run has.
 DEFAULT_METRICS = ("val_loss", "eval_loss", "loss", "accuracy")
+# What a CV summary covers by default, besides the study's metric: what the folds logged at
+# evaluation (the HF Trainer's eval_*/test_*, Keras' and Lightning's val_*), not counters
+# such as epoch or learning_rate.
+EVAL_PATTERNS = ("eval_*", "eval/*", "val_*", "val/*", "test_*", "test/*")
+# Timings the HF Trainer logs with every evaluation: how fast, not how good.
+_TIMINGS = ("*_runtime", "*_samples_per_second", "*_steps_per_second")
+_PATTERN_CHARS = re.compile(r"^[\w ./:*?\[\]!-]+$")
+
+
+def check_cv_metrics(value: object, where: str = "cv_metrics") -> tuple[str, ...] | None:
+    """``value`` as a tuple of metric names or ``fnmatch`` patterns (None: the default).
+
+    A bare string, a non-string item, an empty name or a character MLflow keys cannot
+    hold (a comma included) is a ValueError/TypeError naming ``where`` and the value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"{where} must be a list of metric names or patterns, e.g. ['f1', 'eval_*'], "
+            f"got {value!r}"
+        )
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"{where} items must be str, got {item!r} in {value!r}")
+        if not item.strip() or not _PATTERN_CHARS.match(item):
+            raise ValueError(
+                f"{where} has {item!r}, which is not a metric name or pattern: use letters, "
+                "digits and _ . / : - space, with * ? [ ] as wildcards, e.g. 'eval_*'"
+            )
+        names.append(item)
+    return tuple(sorted(set(names), key=names.index))
+
+
+def summarised(name: str, study_metric: str | None, patterns: Sequence[str] | None = None) -> bool:
+    """Whether the CV summary covers metric ``name``: the study's metric always; then
+    ``patterns`` (``Tracker(cv_metrics=...)``), else what folds log at evaluation."""
+    if name == study_metric:
+        return True
+    if name.startswith("system/"):  # hardware samples describe the machine, not the model
+        return False
+    if patterns is not None:
+        return any(fnmatchcase(name, p) for p in patterns)
+    return any(fnmatchcase(name, p) for p in EVAL_PATTERNS) and not any(
+        fnmatchcase(name, t) for t in _TIMINGS
+    )
 
 
 @dataclass(frozen=True)
@@ -72,14 +121,23 @@ def select_folds(folds: Iterable[RunRecord], fold_key: str) -> tuple[list[RunRec
 
 
 def summarize(
-    folds: Iterable[RunRecord], *, fold_key: str = "code.hpo.fold_idx"
+    folds: Iterable[RunRecord],
+    *,
+    fold_key: str = "code.hpo.fold_idx",
+    study_metric: str | None = None,
+    patterns: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """``cv.<metric>.mean/std/min/max`` over the last values of the finished folds,
-    plus ``cv.n_folds`` (finished) and ``cv.n_failed`` (did not finish)."""
+    """``cv.<metric>.mean/std/min/max`` over the last values of the finished folds, for
+    each metric ``summarised`` covers, plus ``cv.n_folds`` (finished) and ``cv.n_failed``
+    (did not finish)."""
     chosen, failed = select_folds(folds, fold_key)
     summary = {f"{PREFIX}n_folds": float(len(chosen)), f"{PREFIX}n_failed": float(failed)}
-    # Hardware samples (system/...) describe the machine, not the model: not summarised.
-    names = {key for record in chosen for key in record.metrics if not key.startswith("system/")}
+    names = {
+        key
+        for record in chosen
+        for key in record.metrics
+        if summarised(key, study_metric, patterns)
+    }
     for name in sorted(names):
         keys = [f"{PREFIX}{name}.{stat}" for stat in STATS]
         if max(map(len, keys)) > MAX_KEY:
@@ -145,3 +203,4 @@ class Leaderboard:
     study_metric: str | None
     direction: str | None  # "MAXIMIZE", "MINIMIZE" or None when unknown
     best_number: int | None
+    patterns: tuple[str, ...] | None = None  # Tracker(cv_metrics=...): what is summarised

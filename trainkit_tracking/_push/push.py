@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from trainkit_tracking._core.platform import detect_platform, local_store_path, local_store_uri
 from trainkit_tracking._core.redact import redact_value
+from trainkit_tracking._core.suggest import did_you_mean
+from trainkit_tracking._core.uris import check_tracking_uri
 from trainkit_tracking._process.file_lock import try_lock
 from trainkit_tracking._push import store_calls as _push_store
 from trainkit_tracking._push.background_calls import call as _call
@@ -32,6 +34,7 @@ from trainkit_tracking._push.marks import (
 )
 from trainkit_tracking._push.report import Counter, Progress, PushedRun, PushReport
 from trainkit_tracking._push.run_copy import Pusher
+from trainkit_tracking._runs.resolve import plugin_schemes
 from trainkit_tracking._store.store import Store
 from trainkit_tracking.errors import TrackingError
 
@@ -67,6 +70,8 @@ def push(
     ``project`` locates the local store on Colab (as ``Tracker(project=...)``).
     """
     source_uri = from_uri or default_source_uri(project)
+    if to_uri:  # a mistyped target fails now, not after the source was read
+        check_tracking_uri(to_uri, "--to", os.environ, plugin_schemes)
     source = Store(source_uri)
     shown = redact_value(source_uri)
     _check_reachable(source_uri, timeout, role="source")
@@ -112,6 +117,7 @@ def _check_reachable(uri: str, timeout: float, *, role: str) -> None:
             f"({'--from' if role == 'source' else '--to'} URI, credentials may come from "
             "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
         )
+    check_tracking_uri(uri, "--from" if role == "source" else "--to", os.environ, plugin_schemes)
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
         import socket
@@ -172,12 +178,15 @@ def _select(
         if not e.name.startswith(HIDDEN_PREFIX)
     ]
     if experiment is not None:
-        experiments = [e for e in experiments if experiment in (e.name, e.experiment_id)]
-        if not experiments:
+        named = [e for e in experiments if experiment in (e.name, e.experiment_id)]
+        if not named:
+            hint = did_you_mean(experiment, [e.name for e in experiments])
             raise TrackingError(
                 f"experiment {experiment!r} not found in the source store "
-                f"{redact_value(store.tracking_uri)}; check the name or pass --from"
+                f"{redact_value(store.tracking_uri)}; {hint + ' ' if hint else ''}check the "
+                "name or pass --from"
             )
+        experiments = named
     filter_string = f"tags.`{PUSH_TO}` LIKE '%'" if marked_only else ""
     selected: list[Source] = []
     for exp in experiments:

@@ -26,6 +26,7 @@ from trainkit_tracking._push.marks import (
     status_differs,
     sync_mark,
 )
+from trainkit_tracking._push.names import RUN_NAME, TargetNames
 from trainkit_tracking._push.report import Counter, PushedRun, PushReport
 from trainkit_tracking._push.store_calls import PushRun
 from trainkit_tracking._push.target_index import TargetIndex
@@ -57,6 +58,7 @@ class Pusher:
         self.where = TargetIndex(source, target, store_id, report, timeout)
         self.mapping = self.where.mapping  # source run id -> target run id
         self.parents_checked: dict[str, bool] = {}
+        self.names = TargetNames(target, timeout)
 
     def _t(self, fn: Callable[[], T], what: str) -> T:
         return call(fn, self.timeout, what)
@@ -102,6 +104,9 @@ class Pusher:
             )
             return
         tags, unresolved = self.desired(src)
+        where = lambda: self.where.target_experiment(src.experiment, create=True)  # noqa: E731
+        found = existing.record if existing is not None else None
+        self.names.settle(src, found, tags, where, write=not self.dry_run)
         files = self._t(lambda: _push_store.artifact_files(self.source, src.id), "list_artifacts")
         mark = sync_mark(src.run, tags, files)
         if existing is not None:
@@ -159,7 +164,9 @@ class Pusher:
             if key in tags:
                 first[key] = tags[key]
         created = self._t(
-            lambda: self.target.create_run(experiment_id, record.name, first, record.start_time),
+            lambda: self.target.create_run(
+                experiment_id, tags.get(RUN_NAME, record.name), first, record.start_time
+            ),
             "create_run",
         )
         self.mapping[src.id] = created.run_id

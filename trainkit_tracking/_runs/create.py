@@ -20,8 +20,9 @@ from trainkit_tracking._process import rank as _rank
 from trainkit_tracking._runs import exit as _exit
 from trainkit_tracking._runs import handover as _handover
 from trainkit_tracking._runs import shared as _shared
+from trainkit_tracking._runs.lineage import lineage_links, lineage_note, reader
 from trainkit_tracking._runs.other_ranks import NoopRun
-from trainkit_tracking._runs.resolve import Resolution
+from trainkit_tracking._runs.resolve import Resolution, run_url
 from trainkit_tracking._runs.run import Run, RunOwner
 from trainkit_tracking._store import azure as _azure
 from trainkit_tracking._store.store import RunRecord
@@ -190,6 +191,9 @@ def _named_tags(
     # Names pass the same masking as tag values: MLflow requires mlflow.runName to
     # equal the run's name, and neither may carry a secret.
     name = redact_value(name)
+    note = _lineage_note(tracker, tags)
+    if note is not None:
+        tags = tags | {keys["description"]: note}
     # The first heartbeat rides on creation; the logger refreshes it from then on.
     tags = tags | {
         keys["heartbeat"]: str(int(time.time())),
@@ -209,6 +213,21 @@ def _check_storable(name: str, tags: TagSet) -> None:
                 "spec (its tags, model, study name...): tag values are text, and "
                 "PostgreSQL-backed stores refuse NUL"
             )
+
+
+def _lineage_note(tracker: Tracker, tags: TagSet) -> str | None:
+    """The description of a final, benchmark or conversion run: links to the runs it comes
+    from (run ids where the store has no UI). A description in spec.tags wins."""
+    keys = tracker.keys
+    links = lineage_links(tags, keys)
+    if not links or keys["description"] in tags:
+        return None
+    uri = tracker.tracking_uri
+    return lineage_note(
+        links,
+        reader(tracker.store),
+        lambda record: run_url(uri, record.experiment_id, record.run_id),
+    )
 
 
 def spec_tags(tracker: Tracker, spec: RunSpec) -> TagSet:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from trainkit_tracking._core import env as _env
 from trainkit_tracking._core.platform import Platform, local_store_path, local_store_uri
 from trainkit_tracking._core.redact import redact_value
+from trainkit_tracking._core.uris import check_tracking_uri
 from trainkit_tracking._store import azure as _azure
 from trainkit_tracking._store.store import Store, sqlite_path
 from trainkit_tracking.errors import StoreUnavailableError, TrackingError
@@ -86,6 +87,10 @@ class Resolution:
                 self._environ.get(_env.MLFLOW_TRACKING_URI) or None,
                 _env.MLFLOW_TRACKING_URI,
             )
+        if uri:
+            # A typo gets the forms that work, not MLflow's words about another backend.
+            shown_source = "" if source == "argument" else source
+            check_tracking_uri(uri, shown_source, {**os.environ, **self._environ}, plugin_schemes)
         workspace = None if uri else _azure.workspace_configured(self._environ, *self._azure_args)
         if workspace is not None or _azure.is_azure_uri(uri):
             try:
@@ -187,16 +192,8 @@ class Resolution:
 
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         """The run's page in the store's UI (http stores and Azure ML), else None."""
-        uri = self.tracking_uri
-        assert uri is not None
-        if _azure.is_azure_uri(uri):
-            return _azure.studio_url(uri, run_id)
-        if uri.startswith(("http://", "https://")):
-            # Without user:password@: a link is shown and shared; the browser asks instead.
-            parts = urlsplit(uri)
-            base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-            return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-        return None
+        assert self.tracking_uri is not None
+        return run_url(self.tracking_uri, experiment_id, run_id)
 
     def handover_env(self, spool_dir: Path) -> dict[str, str]:
         """The variables every subprocess gets: store, experiment, spool."""
@@ -220,3 +217,22 @@ class Resolution:
             if auth_run is not None:
                 env[_env.MLFLOW_RUN_ID] = auth_run
         return env
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the UI of the store ``uri`` (http stores and Azure ML), else None."""
+    if _azure.is_azure_uri(uri):
+        return _azure.studio_url(uri, run_id)
+    if uri.startswith(("http://", "https://")):
+        # Without user:password@: a link is shown and shared; the browser asks instead.
+        parts = urlsplit(uri)
+        base = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+def plugin_schemes() -> list[str]:
+    """Tracking-store schemes that installed MLflow plugins register (entry points)."""
+    from importlib.metadata import entry_points
+
+    return [entry.name for entry in entry_points(group="mlflow.tracking_store")]

@@ -39,6 +39,7 @@ class RunOwner(Protocol):
     keys: TagKeys
     exit_timeout: float
     holder_timeout: float
+    cv_metrics: tuple[str, ...] | None
 
     @property
     def store(self) -> Store: ...
@@ -213,9 +214,8 @@ class Run:
         wait = self._tracker.exit_timeout if timeout is None else timeout
         if self._owns_status and not self._ended and not self._logger.store_down:
             started = time.monotonic()
-            at_end(
-                self, self._tracker.store, self._tracker.keys, status, wait / 2
-            )  # half the bound at most
+            tracker = self._tracker  # half the bound at most:
+            at_end(self, tracker.store, tracker.keys, status, wait / 2, tracker.cv_metrics)
             wait = max(0.0, wait - (time.monotonic() - started))
         deadline = time.monotonic() + wait
         if not self._end_nowait(status):
@@ -280,10 +280,10 @@ class Run:
         return True
 
     def cv_summary(self) -> dict[str, float]:
-        """Log and return ``cv.<metric>.mean/std/min/max``, ``cv.n_folds``, ``cv.n_failed``
+        """Log and return ``cv.<metric>.mean/std/min/max`` of the study's metric and the
+        evaluation metrics (or the Tracker's ``cv_metrics``), ``cv.n_folds``, ``cv.n_failed``
         over this run's stored ``hpo_trial_fold`` children ({} when it has none)."""
-
-        return cv_summary(self, self._tracker.store, self._tracker.keys)
+        return cv_summary(self, self._tracker.store, self._tracker.keys, self._tracker.cv_metrics)
 
     def __enter__(self) -> Run:
         return self

@@ -6,18 +6,19 @@ import functools
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from trainkit_tracking._core import env as _env
-from trainkit_tracking._core.naming import NamingPolicy
+from trainkit_tracking._core.naming import NamingPolicy, env_value
 from trainkit_tracking._core.platform import Platform, detect_platform
 from trainkit_tracking._core.redact import redact_value, scrub_chain
 from trainkit_tracking._core.spec import Lineage, RunSpec
 from trainkit_tracking._core.tag_keys import TagKeys
 from trainkit_tracking._core.tags import TagSet
 from trainkit_tracking._insight import context as _context
+from trainkit_tracking._insight import cv_stats as _cv_stats
 from trainkit_tracking._insight import system as _system
 from trainkit_tracking._process import rank as _rank
 from trainkit_tracking._runs import create as _create
@@ -27,7 +28,7 @@ from trainkit_tracking._runs.resolve import Resolution
 from trainkit_tracking._runs.run import Run
 from trainkit_tracking._store.store import DEFAULT_TIMEOUT, Store
 from trainkit_tracking._store.versions import Versions
-from trainkit_tracking.errors import TrackingWarning
+from trainkit_tracking.errors import TrackingError, TrackingWarning
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,10 +81,13 @@ class Tracker:
         context: bool | None = None,
         system_metrics: bool | None = None,
         system_metrics_interval: float | None = None,
+        cv_metrics: Sequence[str] | None = None,
     ) -> None:
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
         self._project = project or self._environ.get(_env.TRAINKIT_PROJECT) or None
-        self.policy = policy or NamingPolicy.default()
+        # TRAINKIT_NAMING_POLICY: default, seed or a policy file (a bad value fails here).
+        self.policy = policy if policy is not None else NamingPolicy.from_env(self._environ)
+        self.cv_metrics = _cv_metrics(cv_metrics, self._environ)
         self.keys = keys or TagKeys.default()
         self.timeout = _seconds(
             timeout, "timeout", self._environ, _env.TRAINKIT_TIMEOUT, DEFAULT_TIMEOUT
@@ -246,9 +250,13 @@ class Tracker:
         return self._where.run_url(experiment_id, run_id)
 
     def handover_env(self) -> dict[str, str]:
-        """The variables every subprocess gets: store, experiment, spool."""
+        """The variables every subprocess gets: store, experiment, spool, naming policy."""
         self.setup()
-        return self._where.handover_env(self.spool_dir)
+        env = self._where.handover_env(self.spool_dir)
+        env[_env.TRAINKIT_NAMING_POLICY] = env_value(self.policy)
+        if self.cv_metrics is not None:
+            env[_env.TRAINKIT_CV_METRICS] = ",".join(self.cv_metrics)
+        return env
 
     def _noop_collective(self, spec: RunSpec | None) -> Run:
         """The non-zero-rank side of a collective start_run/child/attach."""
@@ -309,6 +317,20 @@ class Tracker:
         return all(
             [run._logger.flush(max(0.0, deadline - time.monotonic()), ending=True) for run in runs]
         )
+
+
+def _cv_metrics(value: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[str, ...] | None:
+    """``cv_metrics``, else ``TRAINKIT_CV_METRICS`` (comma-separated), checked; None: default."""
+    if value is not None:
+        return _cv_stats.check_cv_metrics(value)
+    raw = environ.get(_env.TRAINKIT_CV_METRICS, "").strip()
+    if not raw:
+        return None
+    names = [part.strip() for part in raw.split(",") if part.strip()]
+    try:
+        return _cv_stats.check_cv_metrics(names, f"environment variable {_env.TRAINKIT_CV_METRICS}")
+    except ValueError as exc:
+        raise TrackingError(f"{exc}; fix or unset it") from exc
 
 
 def _seconds(

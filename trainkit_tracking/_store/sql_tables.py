@@ -53,3 +53,19 @@ def history_reader(engine: Any, run_id: str, key: str) -> Callable[[], list[Poin
         ]
 
     return read
+
+
+def last_point_reader(engine: Any, run_id: str) -> Callable[[], int | None]:
+    """A call that reads the timestamp (ms) of the run's latest metric point, or None."""
+    import sqlalchemy as sa
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+
+    table: Any = SqlMetric.__table__
+    query = sa.select(sa.func.max(table.c.timestamp)).where(table.c.run_uuid == run_id)
+
+    def read() -> int | None:
+        with engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else int(value)
+
+    return read

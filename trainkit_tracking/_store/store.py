@@ -333,6 +333,15 @@ class Store(BoundedClient["MlflowClient"]):
             self._engine = sql_tables.engine_of(self.client)
         return self._engine
 
+    def last_point_time(self, run_id: str) -> int | None:
+        """When (ms) the run's last metric point was logged; None without points. Exact on
+        SQL stores; elsewhere the newest of each key's latest point (MLflow's own reads)."""
+        engine = self._sql_engine()
+        if engine is not None:
+            return self._call(sql_tables.last_point_reader(engine, run_id), what="read last point")
+        run = self._call(lambda: self.client.get_run(run_id), what="get_run")
+        return _latest_point_time(run)
+
     def metric_history(self, run_id: str, key: str) -> list[tuple[str, float, int, int]]:
         """Every point of metric ``key`` as (key, value, timestamp_ms, step)."""
         engine = self._sql_engine()
@@ -348,6 +357,13 @@ class Store(BoundedClient["MlflowClient"]):
             timeout=max(self.timeout, ARTIFACT_TIMEOUT),
         )
         return [(key, m.value, m.timestamp, m.step) for m in history]
+
+
+def _latest_point_time(run: Any) -> int | None:
+    # RunData keeps the Metric objects of the latest points in _metric_objs
+    # (mlflow/entities/run_data.py); .metrics only has their values.
+    stamps = [int(m.timestamp) for m in getattr(run.data, "_metric_objs", None) or []]
+    return max(stamps, default=None)
 
 
 def record_of(run: Any) -> RunRecord:

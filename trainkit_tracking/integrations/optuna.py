@@ -205,6 +205,9 @@ class TrackedStudy:
                         "study_direction": ",".join(d.name for d in self.study.directions),
                     }
                 )
+                # Trials read the study's metric from the sweep when they summarise their
+                # folds: it must be stored before the first trial ends (bounded, never fatal).
+                self._sweep.flush(self.tracker.timeout)
             return self._sweep
 
     def end(self, status: str = "FINISHED") -> None:
