@@ -211,3 +211,20 @@ def test_no_password_in_any_exception_chain(closed_port: int, tmp_path: Path) ->
         assert "s3cr3t-pw" not in str(link)
         assert "s3cr3t-pw" not in repr(link.args)
         link = link.__cause__ or link.__context__
+
+
+@pytest.mark.parametrize("policy", ["default", "seed"])
+def test_a_secret_in_a_study_name_is_masked_before_the_name_is_cleaned(
+    policy: str, trainkit_store: TrainkitStore
+) -> None:
+    from trainkit_tracking import NamingPolicy
+
+    naming = NamingPolicy.seed() if policy == "seed" else NamingPolicy.default()
+    tracker = Tracker("secret-name", trainkit_store.uri, policy=naming)
+    spec = SPEC.model_copy(update={"study_name": "lr sweep password=hunter2X"})
+    with tracker.start_run(spec) as run:
+        pass
+    record = Store(trainkit_store.uri).get_run(run.id)
+    written = [record.name, *record.tags.values(), *record.params.values()]
+    assert not any("hunter2" in text for text in written), written
+    assert "password" in record.name  # the word stays; its value does not

@@ -26,6 +26,7 @@ from trainkit_tracking._core.patterns import (
     validated,
 )
 from trainkit_tracking._core.presets import DEFAULT_KINDS, PRESETS, SEED_KINDS
+from trainkit_tracking._core.redact import redact_value
 from trainkit_tracking._core.spec import RunKind, RunSpec, parse_training_id
 from trainkit_tracking._core.suggest import did_you_mean
 from trainkit_tracking.errors import PolicyError
@@ -57,6 +58,8 @@ def semantic_suffix(study_name: str | None) -> str:
     """
     if not study_name:
         return ""
+    # Masked before it is cleaned: cleaning drops the `=` of `password=X` that masking needs.
+    study_name = redact_value(study_name)
     cleaned = _SUFFIX_DROP_RE.sub("", study_name.replace(" ", "").replace("/", "-"))
     cleaned = cleaned[:SUFFIX_LENGTH]
     return f"_{cleaned}" if cleaned else ""
@@ -73,7 +76,7 @@ def _spec_values(spec: RunSpec) -> dict[str, str | None]:
             raise PolicyError(f"kind 'conversion': {e}") from e
     return {
         "env": _normalise(spec.storage_env),
-        "model": _normalise(spec.model),
+        "model": _normalise(redact_value(spec.model)),
         "study_hash": _cut_hash(spec.study_key_hash),
         "trial_hash": _cut_hash(spec.trial_key_hash),
         "trial_number": None if spec.trial_number is None else f"{spec.trial_number:02d}",
