@@ -35,9 +35,10 @@ from trainkit_tracking.testing import TrainkitStore
 
 Point = tuple[str, float, int, int]
 BULK = "bulk inserts into MLflow's tables"
-# mlflow 3.15 refuses a batch that repeats a stored NaN point (its duplicate check compares
-# NaN with NaN); the bulk path stores it once, as later versions do.
-NAN_RESEND_REFUSED = tuple(int(p) for p in mlflow.__version__.split(".")[:2]) < (3, 17)
+# mlflow 3.15 refuses a batch with points that are one row once stored (a NaN point sent
+# again: its duplicate check compares NaN with NaN; inf beside 1.797e308): the bulk path
+# stores the row once, as later versions do.
+OLD_DUPLICATE_CHECK = tuple(int(p) for p in mlflow.__version__.split(".")[:2]) < (3, 17)
 
 
 # Stores ------------------------------------------------------------------------------
@@ -103,26 +104,36 @@ def assert_alike(client: MlflowClient, ours: str, theirs: str, keys: set[str]) -
 
 
 def reference_log_batch(client: MlflowClient, run_id: str, batch: list[Point]) -> None:
-    """``MlflowClient.log_batch``, past mlflow 3.15's refusal of a repeated NaN point."""
+    """``MlflowClient.log_batch``, past mlflow 3.15's refusal of points that are one row
+    once stored: it sends the batch again without them, as later versions store it."""
     try:
         client.log_batch(run_id, metrics=[Metric(*p) for p in batch])
-    except MlflowException:
-        if not NAN_RESEND_REFUSED or not any(math.isnan(p[1]) for p in batch):
+    except MlflowException as exc:
+        one_row = any(text in str(exc) for text in ("UNIQUE constraint", "duplicate key"))
+        if not (OLD_DUPLICATE_CHECK and one_row):
             raise
-        stored = {(m.key, m.timestamp, m.step) for m in _nan_points(client, run_id, batch)}
+        keys = {p[0] for p in batch}
+        stored = {
+            row(m.key, m.value, m.timestamp, m.step)
+            for k in keys
+            for m in client.get_metric_history(run_id, k)
+        }
         kept: list[Point] = []
         for p in batch:
-            if math.isnan(p[1]):
-                if (p[0], p[2], p[3]) in stored:
-                    continue
-                stored.add((p[0], p[2], p[3]))
-            kept.append(p)
+            if row(*p) not in stored:
+                stored.add(row(*p))
+                kept.append(p)
         client.log_batch(run_id, metrics=[Metric(*p) for p in kept])
 
 
-def _nan_points(client: MlflowClient, run_id: str, batch: list[Point]) -> list[Metric]:
-    keys = {p[0] for p in batch}
-    return [m for k in keys for m in client.get_metric_history(run_id, k) if math.isnan(m.value)]
+def row(key: str, value: float, timestamp: int, step: int) -> tuple[str, int, int, float, bool]:
+    """The ``metrics`` row of a point: NaN stored as 0, +-inf as the largest float."""
+    value = float(value)
+    if math.isnan(value):
+        return key, timestamp, step, 0.0, True
+    if math.isinf(value):
+        value = math.copysign(MAX, value)
+    return key, timestamp, step, value, False
 
 
 # The property: generated batches, both paths -------------------------------------------

@@ -22,6 +22,7 @@ stores it or refuses it in its own words. Params and tags always do.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ Row = tuple[str, str, int, int, float, bool]  # a metrics / latest_metrics row i
 # 3.15.0 in .ci/azure.sh, 3.17.2 in .ci/run). Outside them, points go through MLflow's API.
 TESTED_MLFLOW = ((3, 15), (3, 17))
 DIALECTS = ("sqlite", "postgresql")
+_SQL_STORE_MODULE = "mlflow.store.tracking.sqlalchemy_store"
 _COLUMNS = frozenset({"key", "value", "timestamp", "step", "is_nan", "run_uuid"})
 _PRIMARY_KEYS = {
     "metrics": frozenset({"key", "timestamp", "step", "run_uuid", "value", "is_nan"}),
@@ -69,11 +71,11 @@ def metric_path(client: Any) -> MetricPath:
     per store, inside the store's deadline.
     """
     try:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = getattr(getattr(client, "_tracking_client", None), "store", None)
-        # Exactly MLflow's class: a subclass (workspaces) may scope or add what we skip.
-        if type(store) is not SqlAlchemyStore:
+        store: Any = getattr(getattr(client, "_tracking_client", None), "store", None)
+        # Exactly MLflow's class (a subclass, with workspaces, may scope or add what we
+        # skip), told by name: an http store's sender need not import the SQL store.
+        kind = type(store)
+        if (kind.__module__, kind.__name__) != (_SQL_STORE_MODULE, "SqlAlchemyStore"):
             return MetricPath(None, "the store is not a SQL database reached directly")
         dialect = str(store.engine.dialect.name)
         if dialect not in DIALECTS:
@@ -116,8 +118,9 @@ def _unknown_schema(engine: Any) -> str | None:
     from mlflow.store.db import utils as db_utils
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
 
-    version = mlflow.__version__
-    minor = tuple(int(part) for part in version.split(".")[:2])
+    version = str(mlflow.__version__)
+    found_minor = re.match(r"(\d+)\.(\d+)", version)
+    minor = tuple(int(n) for n in found_minor.groups()) if found_minor else (0, 0)
     low, high = TESTED_MLFLOW
     if not low <= minor <= high:
         return f"mlflow {version} is outside the tested {low[0]}.{low[1]}-{high[0]}.{high[1]}"
@@ -136,7 +139,10 @@ def _unknown_schema(engine: Any) -> str | None:
             frozenset(inspector.get_pk_constraint(name)["constrained_columns"]),
         )
         if found != declared:
-            return f"the database's table {name} has columns {sorted(found[0])}"
+            return (
+                f"the database's table {name} has columns {sorted(found[0])}, primary key "
+                f"{sorted(found[1])}"
+            )
     head = cast(Any, db_utils)._get_latest_schema_revision()
     with engine.connect() as conn:
         revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
