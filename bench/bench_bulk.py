@@ -4,10 +4,11 @@
 1. The store: points in batches of 1,000 through ``Store.log_batch`` (the bulk path)
    against ``MlflowClient.log_batch`` of prebuilt ``Metric``s, A-B-B-A into fresh runs.
 2. End to end: points logged by a ``RunLogger`` (5 per step) until ``flush()`` returns, the
-   sender process storing them, against the same raw ``log_batch``.
+   sender process storing them, against the same raw ``log_batch``; and the CPU time the
+   sender process spent per 1,000 points (what it takes from the training loop's machine).
 3. The training loop of ``bench_sender.py`` on sqlite, logging at twice what raw
-   ``log_batch`` absorbs (measured first), against the same loop untracked (median of 3),
-   the sender process included.
+   ``log_batch`` absorbs (measured first), against the same loop untracked (median of 3,
+   alternating), the sender process included.
 
     python bench/bench_bulk.py            # the table in docs/performance.md
     python bench/bench_bulk.py --quick    # a smoke run for CI; numbers meaningless
@@ -75,8 +76,11 @@ def store_rates(uri: str, points: int) -> tuple[float, float, str]:
 
 LOGGED = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
+    from pathlib import Path
     from trainkit_tracking._journal.run_logger import RunLogger
+    from trainkit_tracking._journal.sender_lock import read_status
+    from trainkit_tracking._journal.spool import uri_id
     from trainkit_tracking._store.store import Store
     uri, n, spool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     store = Store(uri)
@@ -84,18 +88,23 @@ LOGGED = textwrap.dedent(
     logger = RunLogger(uri, run_id, spool_dir=spool)
     logger.log_metric("warm", 1.0)
     assert logger.flush(120)  # the sender is up, as raw MLflow's client is
-    start = time.perf_counter()
+    sender = int(read_status(Path(spool), uri_id(uri))["pid"])
+    def cpu():  # the sender process's user + system time, in seconds
+        fields = open(f"/proc/{sender}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    start, cpu0 = time.perf_counter(), cpu()
     for i in range(n // 5):
         logger.log_metrics({f"k{j}": float(i) for j in range(5)}, step=i)
     assert logger.flush(900)
-    print(n / (time.perf_counter() - start))
+    print(n / (time.perf_counter() - start), (cpu() - cpu0) / n * 1000)
     assert logger.end(timeout=120)
     """
 )
 
 
-def logged_rate(uri: str, points: int, spool: Path) -> float:
-    """Points/s from the first log_metrics call until flush() returns (sender process)."""
+def logged_rate(uri: str, points: int, spool: Path) -> tuple[float, float]:
+    """Points/s from the first log_metrics call until flush() returns (sender process),
+    and the sender's CPU seconds per 1,000 points."""
     env = {**os.environ, "TRAINKIT_SENDER": "process"}
     out = subprocess.run(
         [sys.executable, "-c", LOGGED, uri, str(points), str(spool)],
@@ -103,20 +112,27 @@ def logged_rate(uri: str, points: int, spool: Path) -> float:
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    rate, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(rate), float(cpu)
 
 
 def loop_slowdown(uri: str, raw: float, seconds: float, reps: int, root: Path) -> list[str]:
-    """The training loop at twice ``raw`` points/s: its time against untracked, in %."""
+    """The training loop at twice ``raw`` points/s: its time against untracked, in %,
+    untracked and tracked runs alternating (the machine's load moves both)."""
     rate = 2 * raw
     size = step_size(5 / rate)  # a step per 5 points at this rate
     spool = root / "spool-loop"
-    cells = [f"{rate:,.0f} (2x raw)"]
-    for mode in ("none", "process"):
-        runs = [run_loop(mode, uri, rate, seconds, size, spool)["loop"] for _ in range(reps)]
-        cells.append(f"{statistics.median(runs):.2f} s")
-    base, ours = (float(c.split()[0]) for c in cells[1:])
-    return [*cells, f"{(ours / base - 1) * 100:+.1f}%"]
+    times: dict[str, list[float]] = {"none": [], "process": []}
+    for _ in range(reps):
+        for mode in times:
+            times[mode].append(run_loop(mode, uri, rate, seconds, size, spool)["loop"])
+    base, ours = (statistics.median(times[mode]) for mode in times)
+    return [
+        f"{rate:,.0f} (2x raw)",
+        f"{base:.2f} s",
+        f"{ours:.2f} s",
+        f"{(ours / base - 1) * 100:+.1f}%",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                     [label, f"{ours:,.0f}", f"{raw:,.0f}", f"{ours / raw:.1f}x", path]
                 )
                 spool = root / f"spool-{len(rows_logged)}"
-                rate = logged_rate(uri, logged, spool)
-                rows_logged.append([label, f"{rate:,.0f}", f"{raw:,.0f}", f"{rate / raw:.1f}x"])
+                rate, cpu = logged_rate(uri, logged, spool)
+                rows_logged.append(
+                    [
+                        label,
+                        f"{rate:,.0f}",
+                        f"{raw:,.0f}",
+                        f"{rate / raw:.1f}x",
+                        f"{cpu * 1000:.0f} ms",
+                    ]
+                )
                 print(f"ingestion on {label} done", file=sys.stderr)
             loop = loop_slowdown(stores[0][1], raws["sqlite"], seconds, reps, root)
         finally:
@@ -170,7 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     header = ["store", "ours points/s", "raw log_batch points/s", "ratio", "path"]
     print(table(header, rows_store))
     print(f"\n{logged:,} points logged and flushed (the sender process) against raw:\n")
-    print(table(["store", "ours points/s", "raw log_batch points/s", "ratio"], rows_logged))
+    header = [
+        "store",
+        "ours points/s",
+        "raw log_batch points/s",
+        "ratio",
+        "sender CPU / 1,000 points",
+    ]
+    print(table(header, rows_logged))
     print(f"\nThe training loop on sqlite, median of {reps}, against the same loop untracked:\n")
     print(table(["points/s", "untracked", "sender process", "slowdown"], [loop]))
     return 0
