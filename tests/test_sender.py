@@ -294,3 +294,37 @@ def test_memory_of_a_five_million_point_outage_stays_under_the_cap(
         proc.kill()
         _stop_sender(spool, server.uri)
         server.stop()
+
+
+LOGS_AND_WAITS = """
+    import sys, time
+    from trainkit_tracking import RunSpec, Tracker
+    tracker = Tracker("nice", sys.argv[1], fallback_to_local=False)
+    spec = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
+    run = tracker.start_run(spec)
+    run.log_metric("a", 1.0)
+    assert run.flush(60)
+    print("stored", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling")
+def test_the_sender_yields_the_cpu_to_training_in_its_own_session_too(
+    tmp_path: Path, trainkit_sqlite_template: Path
+) -> None:
+    """Linux's autogroup weighs a session as a whole, whatever its processes' nice: the
+    sender, in a session of its own, sets its group's nice as well as its own."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(trainkit_sqlite_template, db)
+    uri, spool = f"sqlite:///{db}", tmp_path / "spool"
+    proc = _child(LOGS_AND_WAITS, uri, spool=spool)
+    try:
+        _line(proc, "stored")
+        sender = _sender_pid(spool, uri)
+        assert os.getpriority(os.PRIO_PROCESS, sender) >= 10
+        group = Path(f"/proc/{sender}/autogroup").read_text().split()
+        assert group[-2:] == ["nice", "10"], group
+    finally:
+        proc.kill()
+        _stop_sender(spool, uri)

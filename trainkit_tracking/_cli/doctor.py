@@ -54,6 +54,7 @@ _ORDER = (
     "mlflow",
     "azureml-mlflow",
     "store",
+    "metric writes",
     "spool",
     "senders",
     "naming policy",
@@ -128,6 +129,10 @@ def _check_store(uri: str, experiment: str | None, timeout: float, report: Repor
         )
         return
     report.add("store", f"answers ({time.monotonic() - started:.2f} s)")
+    try:  # bulk inserts into MLflow's tables, or MLflow's API and why (SPEC section 17)
+        report.add("metric writes", store.metric_path())
+    except Exception as exc:
+        report.add("metric writes", f"(could not tell: {describe(exc)})")
     if experiment:
         _check_experiment(store, experiment, timeout, report)
 

@@ -325,6 +325,10 @@ def main(argv: list[str]) -> int:
     if hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(10)  # the training process comes first
+    # In a session of its own, Linux's autogroup scheduling would weigh the sender like the
+    # whole training session whatever its nice: give its autogroup the same nice.
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as group:
+        group.write("10")
     fd = None
     for _ in range(20):  # someone may be testing the lock for a moment
         fd = hold_lock(spool_dir, uri_id(uri))

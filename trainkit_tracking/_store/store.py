@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from trainkit_tracking._core.redact import get_logger
-from trainkit_tracking._store import creation, sql_tables
+from trainkit_tracking._store import creation, sql_bulk, sql_tables
 
 # Re-exported: the logger, the sender and sync import them from here.
 from trainkit_tracking._store.bounded_client import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
@@ -207,24 +207,11 @@ class Store(BoundedClient["MlflowClient"]):
         self.log_batch(run_id, tags=tags)
 
     def search(
-        self,
-        experiment_ids: Sequence[str],
-        filter_string: str = "",
-        *,
-        order_by: Sequence[str] = ("attributes.start_time DESC",),
-        max_results: int | None = None,
-        include_deleted: bool = False,
+        self, experiment_ids: Sequence[str], filter_string: str = "", **options: Any
     ) -> list[RunRecord]:
-        """All runs matching ``filter_string`` (every page), newest first by default."""
-        return list(
-            self.iter_search(
-                experiment_ids,
-                filter_string,
-                order_by=order_by,
-                max_results=max_results,
-                include_deleted=include_deleted,
-            )
-        )
+        """All runs matching ``filter_string`` (every page), newest first by default;
+        ``options`` are ``iter_search``'s (``order_by``, ``max_results``, ``include_deleted``)."""
+        return list(self.iter_search(experiment_ids, filter_string, **options))
 
     def iter_search(
         self,
@@ -293,23 +280,26 @@ class Store(BoundedClient["MlflowClient"]):
 
         Re-sending the same batch is harmless: MLflow ignores a metric point with the
         same key, value, timestamp and step, a param with the same value, and tags are
-        upserts. The logger's exactly-once guarantee rests on this.
+        upserts. The logger's exactly-once guarantee rests on this. Points for a SQL store
+        reached directly are bulk-inserted into MLflow's tables (``sql_bulk``), alike.
         """
-        from mlflow.entities import Metric, Param, RunTag
 
-        metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
-        param_entities = [Param(k, v) for k, v in (params or {}).items()]
-        tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()]
-        self._call(
-            lambda: self.client.log_batch(
-                run_id,
-                metrics=metric_entities,
-                params=param_entities,
-                tags=tag_entities,
-                synchronous=True,
-            ),
-            what="log_batch",
-        )
+        def call() -> None:
+            path = self._metric_path() if metrics else None
+            writer = None if path is None else path.writer
+            sql_bulk.log_batch(self.client, writer, run_id, metrics, params or {}, tags or {})
+
+        self._call(call, what="log_batch")
+
+    def metric_path(self) -> str:
+        """How this store's metric points are written, and why (``doctor`` shows it)."""
+        return self._call(lambda: self._metric_path().describe(), what="read the schema")
+
+    def _metric_path(self) -> sql_bulk.MetricPath:
+        """Checked once per store (the schema is read), inside the caller's deadline."""
+        if not hasattr(self, "_paths"):
+            self._paths = sql_bulk.PathCheck(self.shown_uri)
+        return self._paths.get(self.client)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
         self._call(
