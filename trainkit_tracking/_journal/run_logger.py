@@ -39,7 +39,7 @@ from trainkit_tracking._journal.spool import BLOB_DIR, default_spool_dir
 from trainkit_tracking._journal.sync import SyncReport, pending, sync
 from trainkit_tracking._journal.worker import Worker, get_worker
 from trainkit_tracking._process import hooks
-from trainkit_tracking.errors import ParamConflictError
+from trainkit_tracking.errors import ParamConflictError, TrackingError
 
 __all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
 
@@ -74,7 +74,10 @@ class RunLogger:
         heartbeat_tag: str = "code.heartbeat",
         timeout: float = 30.0,
         holder_tag: str | None = None,
+        max_params: int | None = None,
     ) -> None:
+        """``max_params``: the most params the store keeps per run (Azure ML: 200), known
+        params included; the next one is refused at the call."""
         if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
         self.tracking_uri = tracking_uri
@@ -86,6 +89,7 @@ class RunLogger:
         self._timeout = float(timeout)
         self._holder_tag = holder_tag
         self._params: dict[str, str] = dict(known_params or {})
+        self._max_params = max_params
         self._lock = threading.Lock()
         self._ended = False
         self._warned_after_end = False
@@ -122,6 +126,11 @@ class RunLogger:
                 warn(f"run {self.run_id} was ended; what is logged to it now is still sent")
             self._worker.register(self._channel)
         return self._channel
+
+    @property
+    def answered_since(self) -> float:
+        """Wall time since which the store has answered this run's heartbeats throughout."""
+        return self._channel.answered_since
 
     @property
     def store_down(self) -> bool:
@@ -191,6 +200,8 @@ class RunLogger:
                         run_id=self.run_id,
                     )
             new = {k: v for k, v in prepared.items() if self._params.get(k) != v}
+            if self._max_params is not None and len(self._params) + len(new) > self._max_params:
+                _too_many_params(self.run_id, new, len(self._params), self._max_params)
             self._params.update(new)
         if new:
             channel = self._channel if not (self._forked or self._ended) else self._slow_path()
@@ -313,6 +324,16 @@ class RunLogger:
             channel.ended = True
             self._worker.register(channel)
             self._worker.kick()
+
+
+def _too_many_params(run_id: str, new: Mapping[str, str], held: int, limit: int) -> None:
+    index = max(0, limit - held)
+    key = list(new)[index]
+    raise TrackingError(
+        f"param {key!r} would be param {held + index + 1} of run {run_id}, and the store keeps "
+        f"at most {limit} params per run (Azure ML's limit); nothing of this call was logged. "
+        "Log fewer params (the rest as an artifact with run.log_dict, or as tags)"
+    )
 
 
 def _after_fork_in_child() -> None:

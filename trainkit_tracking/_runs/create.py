@@ -131,7 +131,7 @@ def _create(
             store,
             spec,
             experiment_id,
-            lambda: find_records(tracker, spec, experiment_id),
+            lambda: find_records(tracker, spec, experiment_id, include_deleted=True),
             lambda: _new_record(
                 tracker, spec, parent_id, remote_parent, experiment_id, name_override
             ),
@@ -271,6 +271,7 @@ def make_run(
         heartbeat_interval=tracker.heartbeat_interval,
         timeout=tracker.timeout,
         holder_tag=holder,
+        max_params=store.params_per_run,
     )
     run = Run(
         tracker,
@@ -330,10 +331,16 @@ def get_handed_run(tracker: Tracker, run_id: str, source: str) -> RunRecord:
 
 
 def find_records(
-    tracker: Tracker, spec: RunSpec, experiment_id: str | None = None
+    tracker: Tracker,
+    spec: RunSpec,
+    experiment_id: str | None = None,
+    *,
+    include_deleted: bool = False,
 ) -> list[RunRecord]:
     """The runs of the experiment with the identity of ``spec``, newest first."""
     key = tracker.keys["run_key_hash"]
     return tracker.store.search(
-        [experiment_id or tracker.experiment_id], f"tags.`{key}` = '{spec.run_key_hash}'"
+        [experiment_id or tracker.experiment_id],
+        f"tags.`{key}` = '{spec.run_key_hash}'",
+        include_deleted=include_deleted,
     )

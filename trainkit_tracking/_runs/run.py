@@ -243,6 +243,7 @@ class Run:
                         tracker.keys,
                         status,
                         stale_after=tracker.holder_timeout,
+                        answered_since=self._logger.answered_since,
                     )
                     or True
                 ),

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from trainkit_tracking._core import limits
+from trainkit_tracking._core.env import store_flavor
 from trainkit_tracking._core.redact import get_logger
 from trainkit_tracking._store import sql_tables
 
@@ -45,6 +47,7 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    deleted: bool = False  # soft-deleted (``mlflow gc`` purges it)
 
     @property
     def parent_id(self) -> str | None:
@@ -65,6 +68,35 @@ class Store(BoundedClient["MlflowClient"]):
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _prepare_open(self) -> None:
+        import mlflow.store.tracking.sqlalchemy_store
+        import mlflow.tracking  # noqa: F401
+
+    # Azure ML's own limits (SPEC section 19) -----------------------------------
+
+    @property
+    def flavor(self) -> str:
+        """``azureml`` for an Azure ML workspace (or ``TRAINKIT_STORE_FLAVOR=azureml``), else
+        ``mlflow``: which service limits every call keeps to."""
+        if not hasattr(self, "_flavor"):
+            self._flavor = store_flavor(self.tracking_uri)
+        return self._flavor
+
+    @property
+    def page_size(self) -> int:
+        """Results asked for per search page (Azure ML refuses pages of 1000 or more)."""
+        return limits.AZURE_PAGE if self.flavor == "azureml" else limits.MAX_PAGE
+
+    @property
+    def metrics_per_request(self) -> int:
+        """Metric values sent per log-batch request (Azure ML takes at most 250)."""
+        return limits.AZURE_MAX_METRICS if self.flavor == "azureml" else limits.MAX_METRICS
+
+    @property
+    def params_per_run(self) -> int | None:
+        """The most params one run may hold (Azure ML: 200; MLflow: no limit)."""
+        return limits.AZURE_MAX_PARAMS_PER_RUN if self.flavor == "azureml" else None
 
     # Experiments -------------------------------------------------------------
 
@@ -130,7 +162,7 @@ class Store(BoundedClient["MlflowClient"]):
         while True:
             page = self._call(
                 lambda token=token: self.client.search_experiments(  # type: ignore[misc]
-                    max_results=1000, page_token=token
+                    max_results=self.page_size, page_token=token
                 ),
                 what="search_experiments",
             )
@@ -260,7 +292,8 @@ class Store(BoundedClient["MlflowClient"]):
         token: str | None = None
         seen = 0
         while True:
-            page_size = 1000 if max_results is None else min(1000, max_results - seen)
+            limit = self.page_size
+            page_size = limit if max_results is None else min(limit, max_results - seen)
             page = self._call(
                 lambda page_size=page_size, token=token: self.client.search_runs(  # type: ignore[misc]
                     list(experiment_ids),
@@ -292,23 +325,24 @@ class Store(BoundedClient["MlflowClient"]):
 
         Re-sending the same batch is harmless: MLflow ignores a metric point with the
         same key, value, timestamp and step, a param with the same value, and tags are
-        upserts. The logger's exactly-once guarantee rests on this.
+        upserts. The logger's exactly-once guarantee rests on this. More metric values
+        than the store takes per request (Azure ML: 250) go in several requests, params
+        and tags with the first: every sender (the spool's, `sync`, `push`) gets the cut.
         """
         from mlflow.entities import Metric, Param, RunTag
 
-        metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
-        param_entities = [Param(k, v) for k, v in (params or {}).items()]
-        tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()]
-        self._call(
-            lambda: self.client.log_batch(
-                run_id,
-                metrics=metric_entities,
-                params=param_entities,
-                tags=tag_entities,
-                synchronous=True,
-            ),
-            what="log_batch",
-        )
+        step_size = self.metrics_per_request
+        chunks = [metrics[i : i + step_size] for i in range(0, len(metrics), step_size)] or [()]
+        for number, chunk in enumerate(chunks):
+            metric_entities = [Metric(k, v, ts, step) for k, v, ts, step in chunk]
+            param_entities = [Param(k, v) for k, v in (params or {}).items()] if not number else []
+            tag_entities = [RunTag(k, v) for k, v in (tags or {}).items()] if not number else []
+            self._call(
+                lambda m=metric_entities, p=param_entities, t=tag_entities: self.client.log_batch(  # type: ignore[misc]
+                    run_id, metrics=m, params=p, tags=t, synchronous=True
+                ),
+                what="log_batch",
+            )
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
         self._call(
@@ -361,4 +395,5 @@ def record_of(run: Any) -> RunRecord:
         tags=dict(data.tags),
         params=dict(data.params),
         metrics=dict(data.metrics),
+        deleted=getattr(info, "lifecycle_stage", "active") == "deleted",
     )
