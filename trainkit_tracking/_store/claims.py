@@ -82,6 +82,9 @@ class Claims:
         self._views: dict[str, View] = {}
         self._lock = threading.RLock()
         self._container: str | None = None
+        # Params a claims run holds when full: the store's known cap (Azure ML: 200), or
+        # what a refusal for size showed (a service may lower its cap).
+        self.full_at: int | None = store.params_per_run
 
     # Claiming ----------------------------------------------------------------------
 
@@ -148,7 +151,10 @@ class Claims:
             return WON
         if value is not None:
             return TAKEN
-        if _full(self.store, record):
+        if _refused_for_size(refusal):
+            held = len(record.params)
+            self.full_at = held if self.full_at is None else min(self.full_at, held)
+        if self._full(record):
             return FULL
         raise refusal  # neither taken nor full: the store refuses the claim itself
 
@@ -182,10 +188,10 @@ class Claims:
         container = self.container()
         legacy = old.legacy if old is not None else _legacy.in_use(self.store, experiment_id)
         runs = self._search(container, experiment_id)
-        if not [r for r in runs if not _full(self.store, r)]:
+        if not [r for r in runs if not self._full(r)]:
             runs = self._make(container, experiment_id, runs)
         view = View(
-            open=[r.run_id for r in runs if not _full(self.store, r)],
+            open=[r.run_id for r in runs if not self._full(r)],
             made=len(runs),
             rederive=any(r.tags.get(TAG_REDERIVE) == "true" for r in runs),
             legacy=legacy,
@@ -214,7 +220,7 @@ class Claims:
             deadline = time.monotonic() + MAKER_WAIT
             while time.monotonic() < deadline:
                 runs = self._search(container, experiment_id)
-                if [r for r in runs if not _full(self.store, r)]:
+                if [r for r in runs if not self._full(r)]:
                     return runs
                 time.sleep(0.1)
         tags = {TAG_FOR: experiment_id}
@@ -222,6 +228,10 @@ class Claims:
             tags[TAG_REDERIVE] = "true"  # claims were lost: numbers are checked live too
         self.store.create_run(container, f"claims of experiment {experiment_id}", tags)
         return self._search(container, experiment_id)
+
+    def _full(self, record: RunRecord) -> bool:
+        """Whether a claims run can take no more keys (on stores that cap params per run)."""
+        return self.full_at is not None and len(record.params) >= self.full_at
 
     def container(self) -> str:
         """The id of ``.trainkit-claims``: made once per store, restored if deleted."""
@@ -240,10 +250,11 @@ class Claims:
         return self._container
 
 
-def _full(store: Store, record: RunRecord) -> bool:
-    """Whether a claims run can take no more keys (on stores that cap params per run)."""
-    limit = store.params_per_run
-    return limit is not None and len(record.params) >= limit
+def _refused_for_size(exc: BaseException) -> bool:
+    """Whether the store refused a param because the run holds too many (Azure ML says
+    ``A field of the entity is over the size limit. FieldName=Parameters``)."""
+    text = str(exc)
+    return "FieldName=Parameters" in text or "over the size limit" in text
 
 
 def _has_versioned_runs(store: Store, experiment_id: str) -> bool:
