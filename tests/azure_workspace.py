@@ -170,13 +170,20 @@ class SimulatedWorkspace:
     path. Clients use it with ``TRAINKIT_STORE_FLAVOR=azureml``, in the main venv.
     """
 
-    def __init__(self, upstream: str, *, params_per_run: int = AZURE_PARAMS_PER_RUN) -> None:
+    def __init__(
+        self, upstream: str, *, params_per_run: int = AZURE_PARAMS_PER_RUN, limits: bool = True
+    ) -> None:
+        """``limits=False``: forward everything (a proxy for delays, outages and counts)."""
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.params_per_run = params_per_run
+        self.limits = limits
         self.violations: list[str] = []
         self.calls: dict[str, int] = {}
-        self.delay: dict[str, float] = {}  # text in a request body -> seconds to hold it
+        # Texts that all appear in a request body -> seconds to hold it; ``held`` is set
+        # when one is being held.
+        self.delay: dict[tuple[str, ...], float] = {}
+        self.held = threading.Event()
         self.down = False  # answer 503 to everything (an outage)
         self._params_lock = threading.Lock()
         workspace = self
@@ -202,12 +209,18 @@ class SimulatedWorkspace:
                 if workspace.down:
                     self._answer(503, b"", "text/plain")
                     return
-                for marker, seconds in list(workspace.delay.items()):
-                    if marker.encode() in body:  # hold requests that carry ``marker``
+                for texts, seconds in list(workspace.delay.items()):
+                    if all(text.encode() in body for text in texts):
+                        workspace.held.set()
                         time.sleep(seconds)
-                status, data, content_type = workspace._serve(
-                    self.command, self.path, body, self.headers
-                )
+                if workspace.limits:
+                    status, data, content_type = workspace._serve(
+                        self.command, self.path, body, self.headers
+                    )
+                else:
+                    status, data, content_type = workspace._upstream(
+                        self.command, self.path, body or None, self.headers
+                    )
                 self._answer(status, data, content_type)
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
