@@ -208,10 +208,15 @@ class Claims:
         moment; the others wait for its run. Two makers are harmless, only costlier.
         """
         right = f"trainkit.maker.{experiment_id}.{len(known)}"
-        self.store._call(
-            lambda: self.store.client.set_experiment_tag(container, right, self.token),
-            what="claims maker",
-        )
+        try:
+            self.store._call(
+                lambda: self.store.client.set_experiment_tag(container, right, self.token),
+                what="claims maker",
+            )
+        except Exception as exc:  # a racing maker inserted the tag first (sqlite's merge)
+            if is_transient(exc):
+                raise
+            log.debug("claims maker tag not set: %s", exc)
         time.sleep(MAKER_SETTLE)  # racing makers write theirs: the last one makes the run
         experiment = self.store._call(
             lambda: self.store.client.get_experiment(container), what="claims maker"
