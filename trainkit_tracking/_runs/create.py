@@ -11,7 +11,7 @@ from typing import Protocol
 
 from trainkit_tracking._core.naming import NamingPolicy
 from trainkit_tracking._core.redact import get_logger, redact_value
-from trainkit_tracking._core.spec import RunSpec
+from trainkit_tracking._core.spec import RunKind, RunSpec
 from trainkit_tracking._core.tags import TagSet, creation_tags
 from trainkit_tracking._insight import context as _context
 from trainkit_tracking._insight.system import Sampler
@@ -19,8 +19,9 @@ from trainkit_tracking._process import rank as _rank
 from trainkit_tracking._runs import exit as _exit
 from trainkit_tracking._runs import handover as _handover
 from trainkit_tracking._runs import shared as _shared
+from trainkit_tracking._runs.noop_run import NoopRun
 from trainkit_tracking._runs.resolve import Resolution
-from trainkit_tracking._runs.run import NoopRun, Run, RunOwner
+from trainkit_tracking._runs.run import Run, RunOwner
 from trainkit_tracking._store import azure as _azure
 from trainkit_tracking._store.store import RunRecord
 from trainkit_tracking._store.versions import Versions
@@ -121,6 +122,8 @@ def _create(
 ) -> Run:
     store = tracker.store
     parent_id, experiment_id, remote_parent = _parent(tracker, parent)
+    if spec.kind == RunKind.HPO_TRIAL_FOLD and parent_id is not None:
+        _made_a_fold(parent, parent_id)
     if parent_id is None and remote_parent is None and not tracker.fell_back_to_local:
         job_run = _azure.job_run_id(tracker._environ, tracker.tracking_uri)
         adopted = _adopt_job_run(tracker, spec, job_run) if job_run is not None else None
@@ -139,7 +142,7 @@ def _create(
         )
         return make_run(tracker, record, spec, owns_status=True, shared=True)
     record = _new_record(tracker, spec, parent_id, remote_parent, experiment_id, name_override)
-    return make_run(tracker, record, spec, owns_status=True)
+    return make_run(tracker, record, spec, owns_status=True, fresh=True)
 
 
 def _new_record(
@@ -205,14 +208,21 @@ def spec_tags(tracker: Tracker, spec: RunSpec) -> TagSet:
     )
 
 
+def _made_a_fold(parent: Run | str | None, parent_id: str) -> None:
+    """Tell the parent's Run (when this process holds it) that it has a fold to summarise."""
+    for run in [parent, *_exit.open_runs()]:
+        if isinstance(run, Run) and run._id == parent_id:
+            run._made_folds = True
+
+
 def _parent(tracker: Tracker, parent: Run | str | None) -> tuple[str | None, str, str | None]:
     """(parent id in this store, experiment id, parent id in the target store if offline)."""
     if parent is None:
         return None, tracker.experiment_id, None
     if isinstance(parent, Run):
         if parent.experiment_id and parent._uri == tracker.tracking_uri:
-            return parent.id, parent.experiment_id, None
-        parent_id = parent.id
+            return parent._id, parent.experiment_id, None
+        parent_id = parent._id
     else:
         parent_id = _handover.check_run_id(parent, "parent")
     if tracker.offline:
@@ -255,8 +265,13 @@ def make_run(
     owns_status: bool,
     spec_problem: str | None = None,
     shared: bool = False,
+    fresh: bool = False,
 ) -> Run:
-    """The Run of ``record``: its logger, its hold on the exit path and system metrics."""
+    """The Run of ``record``: its logger, its hold on the exit path and system metrics.
+
+    ``fresh``: created by this call, so no other process can know it yet (until its id
+    is read or handed over): its end reads fold children only if it may have some.
+    """
     from trainkit_tracking._journal.run_logger import RunLogger
 
     store, keys = tracker.store, tracker.keys
@@ -288,6 +303,7 @@ def make_run(
     _exit.hold(run, tracker.exit_timeout)
     if tracker._system is not None:
         tracker._system.add(run)
+    run._known_only_here = fresh  # from now on, reading run.id hands it out
     return run
 
 

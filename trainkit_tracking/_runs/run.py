@@ -1,4 +1,5 @@
-"""Run: one MLflow run owned or joined by this process, and its no-op twin for other ranks."""
+"""Run: one MLflow run owned or joined by this process (its no-op twin for other ranks is
+``noop_run.NoopRun``)."""
 
 from __future__ import annotations
 
@@ -88,15 +89,24 @@ class Run:
         self._logger = logger
         self._owns_status = owns_status
         self._spec_problem = spec_problem
-        self._holder = holder  # shared run (resume=True): this process's holder tag
+        self._holder = holder  # shared run (resume=True): this process's hold
         self._ended = False
         self._lock = threading.Lock()
+        # Created here and its id never read nor handed over: no other process can have
+        # made children under it, so its end reads fold runs only if this one made any
+        # (a trial's end then costs no search: SPEC section 19's 3 calls per trial).
+        self._known_only_here = False
+        self._made_folds = False
 
     # Identity ------------------------------------------------------------------
 
     @property
     def id(self) -> str:
+        self._known_only_here = False  # the id may reach another process from here on
         return self._id
+
+    def _may_have_folds_elsewhere(self) -> bool:
+        return not self._known_only_here
 
     @property
     def name(self) -> str:
@@ -201,7 +211,8 @@ class Run:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
         wait = self._tracker.exit_timeout if timeout is None else timeout
-        if self._owns_status and not self._ended and not self._logger.store_down:
+        reads = self._made_folds or self._may_have_folds_elsewhere() or self._is_sweep()
+        if self._owns_status and not self._ended and not self._logger.store_down and reads:
             started = time.monotonic()
             at_end(
                 self, self._tracker.store, self._tracker.keys, status, wait / 2
@@ -221,6 +232,9 @@ class Run:
         if self._holder is not None:
             ok = self._release_hold(status, deadline) and ok
         return ok
+
+    def _is_sweep(self) -> bool:
+        return self._spec is not None and self._spec.kind == RunKind.HPO_SWEEP
 
     def _release_hold(self, status: str, deadline: float) -> bool:
         """A shared run: drop this process's hold; the last live holder sets the status.
@@ -299,6 +313,7 @@ class Run:
 
         ``base`` defaults to ``os.environ``; it is copied, never modified.
         """
+        self._known_only_here = False  # handed over: its children may be made there
         env = clean_env(os.environ if base is None else base)
         env.update(self._tracker.handover_env())
         if child is None:
@@ -310,88 +325,3 @@ class Run:
             env[_env.TRAINKIT_PARENT_RUN_ID] = self._id
             env[_env.TRAINKIT_RUN_SPEC] = child.model_dump_json()
         return env
-
-
-class NoopRun(Run):
-    """The run of a rank other than 0: same interface, logs nothing, creates nothing.
-
-    Its ``id`` is rank 0's run id when a torch process group exists (broadcast), else
-    None (typed ``str`` for the common case, so that code shared by all ranks type-checks).
-    """
-
-    def __init__(self, run_id: str | None, spec: RunSpec | None, tracker: RunOwner) -> None:
-        self._tracker = tracker
-        self._id = run_id  # type: ignore[assignment]
-        self._name = ""
-        self._spec = spec
-        self._parent_id = None
-        self._experiment_id = ""
-        self._owns_status = False
-        self._spec_problem = None
-        self._holder = None
-        self._ended = False
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str | None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"NoopRun(id={self._id!r})"
-
-    def child(self, kind: RunKind | str, **spec_changes: Any) -> Run:
-        spec = self._spec.child(kind, **spec_changes) if self._spec is not None else None
-        return self._tracker._noop_collective(spec)
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        return None
-
-    def log_metric(self, key: str, value: Any, step: int | None = None) -> None:
-        return None
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        return None
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        return None
-
-    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        return None
-
-    def log_artifacts(
-        self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
-    ) -> None:
-        return None
-
-    def log_dict(self, obj: Any, file_name: str) -> None:
-        return None
-
-    def flush(self, timeout: float | None = None) -> bool:
-        return True
-
-    def cv_summary(self) -> dict[str, float]:
-        return {}
-
-    def end(self, status: str = "FINISHED", *, timeout: float | None = None) -> bool:
-        self._ended = True
-        return self._tracker._release(self, timeout)  # its node's system metrics, if any
-
-    def _end_nowait(self, status: str) -> bool:
-        self._ended = True
-        return False
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.end()
-
-    def subprocess_env(
-        self, base: Mapping[str, str] | None = None, *, child: RunSpec | None = None
-    ) -> dict[str, str]:
-        return clean_env(os.environ if base is None else base)

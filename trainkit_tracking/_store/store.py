@@ -11,8 +11,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from trainkit_tracking._core import limits
-from trainkit_tracking._core.env import store_flavor
 from trainkit_tracking._core.redact import get_logger
 from trainkit_tracking._store import sql_tables
 
@@ -21,6 +19,7 @@ from trainkit_tracking._store.bounded_client import DEFAULT_TIMEOUT as DEFAULT_T
 from trainkit_tracking._store.bounded_client import BoundedClient, error_code, is_already_exists
 from trainkit_tracking._store.bounded_client import is_transient as is_transient
 from trainkit_tracking._store.bounded_client import sqlite_path as sqlite_path
+from trainkit_tracking._store.service_limits import ServiceLimits
 from trainkit_tracking.errors import TrackingError
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ class ExperimentRecord:
     deleted: bool
 
 
-class Store(BoundedClient["MlflowClient"]):
+class Store(ServiceLimits, BoundedClient["MlflowClient"]):
     """MlflowClient with explicit run ids; every call bounded, retried and classified."""
 
     def _open_client(self) -> MlflowClient:
@@ -72,31 +71,6 @@ class Store(BoundedClient["MlflowClient"]):
     def _prepare_open(self) -> None:
         import mlflow.store.tracking.sqlalchemy_store
         import mlflow.tracking  # noqa: F401
-
-    # Azure ML's own limits (SPEC section 19) -----------------------------------
-
-    @property
-    def flavor(self) -> str:
-        """``azureml`` for an Azure ML workspace (or ``TRAINKIT_STORE_FLAVOR=azureml``), else
-        ``mlflow``: which service limits every call keeps to."""
-        if not hasattr(self, "_flavor"):
-            self._flavor = store_flavor(self.tracking_uri)
-        return self._flavor
-
-    @property
-    def page_size(self) -> int:
-        """Results asked for per search page (Azure ML refuses pages of 1000 or more)."""
-        return limits.AZURE_PAGE if self.flavor == "azureml" else limits.MAX_PAGE
-
-    @property
-    def metrics_per_request(self) -> int:
-        """Metric values sent per log-batch request (Azure ML takes at most 250)."""
-        return limits.AZURE_MAX_METRICS if self.flavor == "azureml" else limits.MAX_METRICS
-
-    @property
-    def params_per_run(self) -> int | None:
-        """The most params one run may hold (Azure ML: 200; MLflow: no limit)."""
-        return limits.AZURE_MAX_PARAMS_PER_RUN if self.flavor == "azureml" else None
 
     # Experiments -------------------------------------------------------------
 
