@@ -113,20 +113,19 @@ def release(
     run_id: str,
     key: str,
     keys: TagKeys,
-    status: str,
     *,
     stale_after: float,
     answered_since: float = 0.0,
 ) -> bool:
-    """Drop this process's hold; end the run with ``status`` when no live holder is left.
+    """Drop this process's hold: whether no other live holder is left (this one then
+    ends the run with ``finish``).
 
     Each holder marks itself released (and deletes its tag) before it reads the others,
-    so of holders releasing at the same moment at least the last to read finds none left
-    and ends the run. A holder counts as dead only when its heartbeat is older than
-    ``stale_after`` seconds of time in which the store answered: time before
-    ``answered_since`` (when this process's heartbeats last came back after misses) is
-    not counted, so an outage never ends a run whose holders live. Returns whether this
-    release ended it.
+    so of holders releasing at the same moment at least the last to read finds none
+    left. A holder counts as dead only when its heartbeat is older than ``stale_after``
+    seconds of time in which the store answered: time before ``answered_since`` (when
+    this process's heartbeats last came back after misses) is not counted, so an outage
+    never ends a run whose holders live.
     """
     store.set_tags(run_id, {released_key(key): "true"})
     store.delete_tag(run_id, key)
@@ -143,10 +142,14 @@ def release(
             alive = True
         if alive:
             return False
-    # The last live holder ends the run (again, if a release that missed a joiner already
-    # did: the end is then this one's), and clears the holders' tags.
-    store.terminate(run_id, status)
-    for tag in record.tags:
-        if tag.startswith(prefix) and tag != key:
-            store.delete_tag(run_id, tag)
     return True
+
+
+def finish(store: Store, run_id: str, keys: TagKeys, status: str) -> None:
+    """The last live holder ends the run (again, if a release that missed a joiner already
+    did: the end is then this one's) and clears the holders' tags."""
+    store.terminate(run_id, status)
+    prefix = keys["holder_prefix"] + "."
+    for tag in store.get_run(run_id).tags:
+        if tag.startswith(prefix):
+            store.delete_tag(run_id, tag)
