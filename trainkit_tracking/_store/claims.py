@@ -85,6 +85,7 @@ class Claims:
         # Params a claims run holds when full: the store's known cap (Azure ML: 200), or
         # what a refusal for size showed (a service may lower its cap).
         self.full_at: int | None = store.params_per_run
+        self.version_tag = "code.version"  # the Tracker's TagKeys may rename it
 
     # Claiming ----------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class Claims:
                     return runs
                 time.sleep(0.1)
         tags = {TAG_FOR: experiment_id}
-        if not known and _has_versioned_runs(self.store, experiment_id):
+        if not known and _has_versioned_runs(self.store, experiment_id, self.version_tag):
             tags[TAG_REDERIVE] = "true"  # claims were lost: numbers are checked live too
         self.store.create_run(container, f"claims of experiment {experiment_id}", tags)
         return self._search(container, experiment_id)
@@ -262,8 +263,11 @@ def _refused_for_size(exc: BaseException) -> bool:
     return "FieldName=Parameters" in text or "over the size limit" in text
 
 
-def _has_versioned_runs(store: Store, experiment_id: str) -> bool:
-    return bool(store.search([experiment_id], "tags.`code.version` LIKE '%'", max_results=1))
+def _has_versioned_runs(store: Store, experiment_id: str, version_tag: str) -> bool:
+    found = store.search(
+        [experiment_id], f"tags.`{version_tag}` LIKE '%'", max_results=1, include_deleted=True
+    )
+    return bool(found)
 
 
 def claims_of(store: Store) -> Claims:

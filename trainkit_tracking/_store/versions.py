@@ -22,6 +22,7 @@ class Versions:
     def assign(self, store: Store, experiment_id: str, base: str) -> int:
         """Claim the next version of ``base`` in the experiment."""
         key = (store.tracking_uri, experiment_id, base)
+        _claims.claims_of(store).version_tag = self._version_tag
         # Claims that were lost and re-derived are checked against live runs, once per
         # base by every process (the numbers live runs carry were never claimed anew).
         version = _claims.claim_version(
