@@ -1,14 +1,14 @@
-"""What version claims cost, and whether a lighter primitive keeps versions exact.
+"""What version claims cost, and whether each primitive keeps versions exact.
 
-Today a version is claimed by creating a hidden (soft-deleted) experiment whose name is
-unique to (experiment, base name, version). This prints, for N versioned runs on a local
-sqlite store: the experiments left behind and the time to list every experiment
+0.2 claims a version as a param of the experiment's claims run (``_store/claims.py``:
+the (run, key) primary key lets one value in); 0.1 created a hidden (soft-deleted)
+experiment per claim (``_store/legacy_claims.py``). This prints, for N versioned runs on
+a local sqlite store: the experiments left behind and the time to list every experiment
 (``search_experiments``, all pages, ``view_type`` ALL and ACTIVE_ONLY; the fastest of
-15 interleaved rounds), against raw MLflow (N runs, no claims) and against a prototype of "one claims run per experiment, first writer wins" (a claim is
-``log_param(claims_run, "<base sha>/<N>", token)``: params are immutable, the
-(run, key) primary key lets exactly one value in). Then 16 processes, released together by
-a ``multiprocessing.Barrier``, each claim one version of the same base with both
-primitives, on sqlite and (when PostgreSQL is installed) on a PostgreSQL-backed
+15 interleaved rounds) with 0.2 (through ``Tracker``), 0.1 (its claim functions, runs
+by ``MlflowClient``) and raw MLflow (N runs, no claims). Then 16 processes, released
+together by a ``multiprocessing.Barrier``, each claim one version of the same base with
+both primitives, on sqlite and (when PostgreSQL is installed) on a PostgreSQL-backed
 ``mlflow server``: the versions they got, which must be exactly 1..16. docs/versions.md.
 
     python bench/bench_versions.py            # N = 500
@@ -21,7 +21,6 @@ Reports timings, asserts none; the race rows say "exact" or list the duplicates.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -38,39 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 RACERS = 16
 BASE = "local_bert_hpo_study-cafe0123"
-
-
-def _digest(base: str) -> str:
-    return hashlib.sha256(base.encode("utf-8")).hexdigest()[:32]
-
-
-def param_claim(client: Any, claims_run: str, base: str, start: int = 1) -> int:
-    """The prototype: claim the first free version >= start as a param of the claims run.
-
-    The param decides: after any error the run is read back, and the version is ours only
-    if the param holds our token (so a retried call whose first try committed still wins).
-    """
-    token = uuid.uuid4().hex
-    prefix = f"{_digest(base)}/"
-    version = start
-    while True:
-        key = f"{prefix}{version}"
-        try:
-            client.log_param(claims_run, key, token)
-            return version
-        except Exception:  # another value is in, or the call failed: read it back
-            pass
-        params = client.get_run(claims_run).data.params
-        owner = params.get(key)
-        if owner == token:
-            return version
-        if owner is None:
-            time.sleep(0.01)  # the call failed before writing: try the same number again
-            continue
-        taken = {int(k[len(prefix) :]) for k in params if k.startswith(prefix)}
-        version += 1
-        while version in taken:
-            version += 1
 
 
 def _all_experiments(client: Any, view: str = "ALL") -> list[Any]:
@@ -117,23 +83,26 @@ def footprint(template: Path, root: Path, n: int) -> None:
             run = client.create_run(experiment, run_name=f"{BASE}_{number}")
             client.set_terminated(run.info.run_id)
 
-    def params(uri: str) -> None:
+    def legacy(uri: str) -> None:
+        from trainkit_tracking._store import legacy_claims
+        from trainkit_tracking._store.store import Store
+
         client = MlflowClient(uri)
+        store = Store(uri)
         experiment = client.create_experiment("versions-bench")
-        claims_experiment = client.create_experiment(".trainkit-claims")
-        claims_run = client.create_run(claims_experiment, run_name=".trainkit-claims").info.run_id
         version = 1
         for _ in range(n):
-            version = param_claim(client, claims_run, BASE, version)
+            version = legacy_claims.claim_version(store, experiment, BASE, version)
             run = client.create_run(experiment, run_name=f"{BASE}_{version}")
             client.set_terminated(run.info.run_id)
             version += 1
+        legacy_claims._drain_hides()
 
     rows = []
     for label, create in (
-        ("hidden experiment per claim (today)", today),
+        ("claims run, param per claim (0.2, through Tracker)", today),
         ("raw MLflow, no claims", raw),
-        ("claims run, param per claim (prototype)", params),
+        ("hidden experiment per claim (0.1)", legacy),
     ):
         uri = _fresh_store(template, root, create.__name__)
         started = time.perf_counter()
@@ -179,6 +148,7 @@ def _racer(
     from mlflow import MlflowClient
 
     from trainkit_tracking._store.claims import claim_version
+    from trainkit_tracking._store.legacy_claims import claim_version as legacy_claim_version
     from trainkit_tracking._store.store import Store
 
     try:
@@ -190,7 +160,7 @@ def _racer(
         if kind == "today":
             version = claim_version(store, experiment_id, BASE)
         else:
-            version = param_claim(client, claims_run, BASE)
+            version = legacy_claim_version(store, experiment_id, BASE)
         results.put((version, time.monotonic() - released))
     except BaseException as exc:
         results.put(f"{type(exc).__name__}: {exc}")
@@ -203,14 +173,11 @@ def race(uri: str, label: str) -> None:
     client = MlflowClient(uri)
     ctx = multiprocessing.get_context("spawn")
     for kind, primitive in (
-        ("today", "hidden experiment per claim"),
-        ("params", "claims run, param per claim"),
+        ("today", "claims run, param per claim (0.2)"),
+        ("legacy", "hidden experiment per claim (0.1)"),
     ):
         experiment_id = client.create_experiment(f"race-{kind}-{uuid.uuid4().hex[:8]}")
         claims_run = ""
-        if kind == "params":
-            claims = client.create_experiment(f".trainkit-claims-{uuid.uuid4().hex[:8]}")
-            claims_run = client.create_run(claims).info.run_id
         barrier = ctx.Barrier(RACERS)
         results = ctx.Queue()
         procs = [

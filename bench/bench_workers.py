@@ -7,6 +7,11 @@ released together by a file barrier; the time is from release to the last one do
 
     python bench/bench_workers.py            # the table of docs/performance.md
     python bench/bench_workers.py --quick    # a smoke run (fewer trials)
+    python bench/bench_workers.py --warm     # each worker's sender started before the release
+
+Without ``--warm`` the first trial's end waits for the worker's sender process to start
+(a Python process importing mlflow: seconds on a loaded machine), a cost per process,
+not per trial.
 
 Needs PostgreSQL binaries (Debian's postgresql package); reports timings, asserts none.
 """
@@ -37,6 +42,10 @@ uri, barrier, trials, worker = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(s
 tracker = Tracker("workers-bench", uri)
 tracker.setup()
 spec = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash=sys.argv[5])
+if os.environ.get("BENCH_WARM") == "1":  # the sender process started before the release
+    Tracker("workers-bench-warmup", uri).start_run(
+        RunSpec(kind="final_training", model="warmup", environment="local")
+    ).end()
 open(os.path.join(barrier, str(os.getpid())), "w").close()
 while not os.path.exists(os.path.join(barrier, "go")):
     time.sleep(0.001)
@@ -97,7 +106,10 @@ def release(code: str, args: list[str], workers: int, root: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--warm", action="store_true", help="start each sender before the release")
     args = parser.parse_args()
+    if args.warm:
+        os.environ["BENCH_WARM"] = "1"
     trials = 5 if args.quick else 20
     root = Path(tempfile.mkdtemp(prefix="trainkit-bench-workers-"))
     with PostgresCluster() as cluster:

@@ -870,31 +870,31 @@ def test_live_workspace(tmp_path: Any) -> None:
     assert _LIVE_ENV["AZURE_CLIENT_SECRET"] not in result.stdout + result.stderr
 
 
-# docs/versions.md: a version claim is a hidden experiment whose name must stay reserved once
-# hidden. Azure ML archives deleted experiments, and an archived experiment's name can be
-# taken by a new active one (azureml-core 1.0.69 release notes); this checks what the
-# workspace does today.
+# docs/versions.md: a version claim is a param of the experiment's claims run, and only
+# one value of a param may go in. Azure ML does not document what it does with a second,
+# different value; this checks what the workspace does today.
 LIVE_CLAIM_SCRIPT = textwrap.dedent(
     """
     import json, uuid
-    from trainkit_tracking import Tracker, _store
+    from trainkit_tracking import Tracker
+    from trainkit_tracking._store import claims
     tracker = Tracker("trainkit-tracking-live", fallback_to_local=False, azure_timeout=120)
     uri, experiment_id = tracker.setup()
-    store = tracker._store
+    store = tracker.store
     base = f"live-claims-{uuid.uuid4().hex[:8]}"
-    first = store.claim_version(experiment_id, base)
-    _store._drain_hides()  # the claim is hidden (deleted) before its name is tried again
-    name = _store.claim_experiment_name(experiment_id, base, first)
+    first = claims.claim_version(store, experiment_id, base)
+    view = claims.claims_of(store).view(experiment_id)
+    key = f"{claims.version_prefix(base)}.{first}"
     try:
-        store.client.create_experiment(name)
-        outcome = "created again"
+        store.client.log_param(view.open[0], key, "someone else")
+        outcome = "changed"
     except Exception as exc:
-        outcome = "already exists" if _store.is_already_exists(exc) else f"other: {exc}"
+        outcome = "refused"
     print(json.dumps({
         "outcome": outcome,
-        "readable": store._claimed(experiment_id, base, first),
         "first": first,
-        "second": store.claim_version(experiment_id, base),
+        "second": claims.claim_version(store, experiment_id, base),
+        "slash": [e.name for e in store.list_experiments() if "/" in e.name],
     }))
     """
 )
@@ -902,7 +902,7 @@ LIVE_CLAIM_SCRIPT = textwrap.dedent(
 
 @pytest.mark.azure
 @pytest.mark.skipif(_live_skip_reason() is not None, reason=str(_live_skip_reason()))
-def test_live_hidden_claim_keeps_its_name(tmp_path: Any) -> None:
+def test_live_claims_refuse_a_second_value(tmp_path: Any) -> None:
     env = {**os.environ, **{k: v for k, v in _LIVE_ENV.items() if v}, "TRAINKIT_NETGUARD": "0"}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(name, None)
@@ -916,6 +916,7 @@ def test_live_hidden_claim_keeps_its_name(tmp_path: Any) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    # Reused names would hand the same version to two runs.
-    assert out["outcome"] == "already exists", out
+    # A param that took a second value would hand the same version to two runs.
+    assert out["outcome"] == "refused", out
     assert out["second"] == out["first"] + 1, out
+    assert out["slash"] == [], out

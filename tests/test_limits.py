@@ -18,7 +18,16 @@ from mlflow.utils.validation import (
     _validate_tag_name,
 )
 
-from trainkit_tracking import Run, RunSpec, TagKeyError, TagKeys, TagSet, Tracker, TrackingWarning
+from trainkit_tracking import (
+    Run,
+    RunSpec,
+    TagKeyError,
+    TagKeys,
+    TagSet,
+    Tracker,
+    TrackingError,
+    TrackingWarning,
+)
 from trainkit_tracking._core.limits import check_key, key_problem
 from trainkit_tracking.testing import TrainkitStore
 
@@ -143,3 +152,11 @@ def test_check_key_errors() -> None:
         _check("x" * 251)
     with pytest.raises(TypeError, match=r"param key must be a str, got None \(NoneType\)"):
         _check(None)
+
+
+def test_a_malformed_store_flavor_is_named_when_the_tracker_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRAINKIT_STORE_FLAVOR", "azure")
+    with pytest.raises(TrackingError, match=r"TRAINKIT_STORE_FLAVOR='azure'.*azureml"):
+        Tracker("exp")

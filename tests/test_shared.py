@@ -155,7 +155,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from trainkit_tracking import Tracker
 from trainkit_tracking.integrations.optuna import TrackedStudy
-uri, storage_arg, barrier = sys.argv[1], sys.argv[2], sys.argv[3]
+uri, storage_arg, barrier, trials = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 if storage_arg.startswith("journal:"):
     from optuna.storages import JournalStorage
@@ -176,12 +176,14 @@ def objective(trial, run):
 space = {"x": FloatDistribution(-1.0, 1.0)}
 with TrackedStudy(tracker, study, model="bert", search_space=space, metric="loss",
                   environment="local", resume=True) as tracked:
-    tracked.optimize(objective, n_trials=5)
+    tracked.optimize(objective, n_trials=trials)
 print(tracked.sweep_run.id, flush=True)
 """
 
 
-def optuna_workers(uri: str, storage: str, root: Path, workers: int = 4) -> None:
+def optuna_workers(
+    uri: str, storage: str, root: Path, workers: int = 4, trials: int = 5
+) -> tuple[Store, str]:
     import optuna
 
     if storage.startswith("journal:"):
@@ -196,7 +198,15 @@ def optuna_workers(uri: str, storage: str, root: Path, workers: int = 4) -> None
     barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(OPTUNA_WORKER), uri, storage, str(barrier)],
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(OPTUNA_WORKER),
+                uri,
+                storage,
+                str(barrier),
+                str(trials),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -219,17 +229,18 @@ def optuna_workers(uri: str, storage: str, root: Path, workers: int = 4) -> None
     assert experiment is not None
     runs = store.search([experiment.experiment_id])
     sweeps = [r for r in runs if r.tags.get("code.run_kind") == "hpo_sweep"]
-    trials = [r for r in runs if r.tags.get("code.run_kind") == "hpo_trial"]
     assert [s.run_id for s in sweeps] == [sweep_id]
     assert sweeps[0].status == "FINISHED"
-    assert len(trials) == 5 * workers
-    assert all(t.parent_id == sweep_id for t in trials)
-    numbers = sorted(int(t.tags["code.hpo.trial_number"]) for t in trials)
-    assert numbers == list(range(5 * workers))
-    assert len({t.name for t in trials}) == len(trials)
+    runs_of_trials = [r for r in runs if r.tags.get("code.run_kind") == "hpo_trial"]
+    assert len(runs_of_trials) == trials * workers
+    assert all(t.parent_id == sweep_id for t in runs_of_trials)
+    numbers = sorted(int(t.tags["code.hpo.trial_number"]) for t in runs_of_trials)
+    assert numbers == list(range(trials * workers))
+    assert len({t.name for t in runs_of_trials}) == len(runs_of_trials)
     study = optuna.load_study(study_name="shared-study", storage=created)  # type: ignore[arg-type]
     best_number = study.best_trial.number
     assert sweeps[0].tags["best_trial_number"] == str(best_number)
+    return store, sweep_id
 
 
 def test_optuna_workers_on_a_journal_storage_share_one_sweep(

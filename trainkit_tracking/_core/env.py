@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 from trainkit_tracking.errors import TrackingError
@@ -39,6 +40,11 @@ TRAINKIT_NAMING_POLICY = "TRAINKIT_NAMING_POLICY"
 # The CV summary's metrics of a Tracker built without cv_metrics= (comma-separated names
 # or patterns; docs/kfold-hpo.md); a Tracker hands its own to subprocesses here.
 TRAINKIT_CV_METRICS = "TRAINKIT_CV_METRICS"
+# Which service's limits a store keeps to (SPEC section 19): "azureml" makes any store
+# behave as an Azure ML workspace (tests use it for a simulated one); "mlflow" or unset:
+# decided by the URI.
+TRAINKIT_STORE_FLAVOR = "TRAINKIT_STORE_FLAVOR"
+STORE_FLAVORS = ("mlflow", "azureml")
 
 # Variables removed from a subprocess environment before ours are added.
 STALE_HANDOVER = (
@@ -93,6 +99,22 @@ NOTEBOOK_VARS = ("JPY_SESSION_NAME", "__vsc_ipynb_file__", "IPYNB_FILE")
 
 # The GPUs this process may use.
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+def store_flavor(uri: str, environ: Mapping[str, str] | None = None) -> str:
+    """``azureml`` for an ``azureml://`` URI, the store of the Azure ML job this process
+    runs in, or ``TRAINKIT_STORE_FLAVOR=azureml``; else ``mlflow``."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(TRAINKIT_STORE_FLAVOR, "").strip().lower()
+    if raw and raw not in STORE_FLAVORS:
+        raise TrackingError(
+            f"environment variable {TRAINKIT_STORE_FLAVOR}={raw!r} must be one of "
+            f"{', '.join(STORE_FLAVORS)}; fix or unset it"
+        )
+    in_job = bool(environ.get(AZUREML_RUN_ID)) and environ.get(MLFLOW_TRACKING_URI) == uri
+    if raw == "azureml" or uri.startswith("azureml://") or in_job:
+        return "azureml"
+    return "mlflow"
 
 
 def read_int(environ: Mapping[str, str], name: str, *, minimum: int = 0) -> int | None:

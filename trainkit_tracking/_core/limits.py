@@ -28,6 +28,15 @@ MAX_PARAMS = 100
 MAX_TAGS = 100
 MAX_ITEMS = 1000
 MAX_BATCH_BYTES = 800_000
+# Results per search page MLflow serves (SEARCH_MAX_RESULTS_DEFAULT).
+MAX_PAGE = 1000
+
+# Azure ML's tracking service is stricter (SPEC section 19): 250 metric values per request
+# (mlflow#11462), 200 params per run (Azure/azure-sdk-for-python#35685), search pages
+# under 1000 results (mlflow#10694).
+AZURE_MAX_METRICS = 250
+AZURE_MAX_PARAMS_PER_RUN = 200
+AZURE_PAGE = 500
 
 # validate_param_and_metric_name on POSIX (Windows servers also refuse ':').
 _KEY_RE = re.compile(r"^[/\w.\- :]*$")

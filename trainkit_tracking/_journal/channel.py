@@ -92,6 +92,11 @@ class Channel:
         self.heartbeat_tag = heartbeat_tag
         self.heartbeat_on = heartbeat and heartbeat_interval > 0
         self.holder_tag = holder_tag  # a shared run: this process's hold, beaten with it
+        # Wall time since which the store has answered this run's heartbeats without a
+        # miss (0: no miss seen): a shared run's holders are judged stale only on time
+        # in which the store answered.
+        self.answered_since = 0.0
+        self.beat_missed = False
         self.timeout = timeout
         # The Tracker sets the first heartbeat when it creates the run.
         self.next_heartbeat = time.monotonic() + heartbeat_interval

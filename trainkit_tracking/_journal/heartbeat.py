@@ -116,4 +116,14 @@ class Heartbeat:
                         beat[channel.holder_tag] = now_s
                     self.store.set_tags(channel.run_id, beat)
                 except Exception as exc:  # a missed beat is harmless; the next one comes
+                    channel.beat_missed = True
                     log.debug("heartbeat of run %s failed: %s", channel.run_id, exc)
+                else:
+                    _answered(channel)
+
+
+def _answered(channel: Channel) -> None:
+    """A beat was stored: after missed ones, the store answers again from now on."""
+    if channel.beat_missed:
+        channel.beat_missed = False
+        channel.answered_since = time.time()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import threading
 import time
 import weakref
@@ -34,11 +33,12 @@ from trainkit_tracking._core.limits import cut as _cut
 from trainkit_tracking._core.redact import get_logger, redact, redact_value, warn
 from trainkit_tracking._journal import capture
 from trainkit_tracking._journal.channel import Barrier, Channel
+from trainkit_tracking._journal.child_exit import flush_at_child_exit as _flush_at_child_exit
 from trainkit_tracking._journal.spool import default_spool_dir, usable_spool_dir
 from trainkit_tracking._journal.sync import SyncReport, pending, sync
 from trainkit_tracking._journal.worker import Worker, get_worker
 from trainkit_tracking._process import hooks
-from trainkit_tracking.errors import ParamConflictError
+from trainkit_tracking.errors import ParamConflictError, TrackingError
 
 __all__ = ["RunLogger", "SyncReport", "default_spool_dir", "pending", "sync", "warn"]
 
@@ -73,7 +73,10 @@ class RunLogger:
         heartbeat_tag: str = "code.heartbeat",
         timeout: float = 30.0,
         holder_tag: str | None = None,
+        max_params: int | None = None,
     ) -> None:
+        """``max_params``: the most params the store keeps per run (Azure ML: 200), known
+        params included; the next one is refused at the call."""
         if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval!r}")
         self.tracking_uri = tracking_uri
@@ -85,6 +88,7 @@ class RunLogger:
         self._timeout = float(timeout)
         self._holder_tag = holder_tag
         self._params: dict[str, str] = dict(known_params or {})
+        self._max_params = max_params
         self._lock = threading.Lock()
         self._ended = False
         self._warned_after_end = False
@@ -121,6 +125,11 @@ class RunLogger:
                 warn(f"run {self.run_id} was ended; what is logged to it now is still sent")
             self._worker.register(self._channel)
         return self._channel
+
+    @property
+    def answered_since(self) -> float:
+        """Wall time since which the store has answered this run's heartbeats throughout."""
+        return self._channel.answered_since
 
     @property
     def store_down(self) -> bool:
@@ -190,6 +199,8 @@ class RunLogger:
                         run_id=self.run_id,
                     )
             new = {k: v for k, v in prepared.items() if self._params.get(k) != v}
+            if self._max_params is not None and len(self._params) + len(new) > self._max_params:
+                _too_many_params(self.run_id, new, len(self._params), self._max_params)
             self._params.update(new)
         if new:
             channel = self._channel if not (self._forked or self._ended) else self._slow_path()
@@ -348,53 +359,20 @@ class RunLogger:
             self._worker.kick()
 
 
+def _too_many_params(run_id: str, new: Mapping[str, str], held: int, limit: int) -> None:
+    index = max(0, limit - held)
+    key = list(new)[index]
+    raise TrackingError(
+        f"param {key!r} would be param {held + index + 1} of run {run_id}, and the store keeps "
+        f"at most {limit} params per run (Azure ML's limit); nothing of this call was logged. "
+        "Log fewer params (the rest as an artifact with run.log_dict, or as tags)"
+    )
+
+
 def _after_fork_in_child() -> None:
     # The child has no worker thread and must not write into the parent's spool file.
     for logger in list(_LIVE):
         logger._forked = True
-
-
-def _flush_at_child_exit(logger: RunLogger) -> None:
-    """Send a forked child's points when it ends, although it leaves with ``os._exit``.
-
-    multiprocessing children (Pool workers, DataLoader workers) run multiprocessing's
-    finalizers before ``os._exit``: ours flushes there. Without multiprocessing, atexit
-    covers a child that returns normally; one that calls ``os._exit`` itself must call
-    ``run.flush()`` first (docs/logging.md).
-    """
-    import multiprocessing
-    import multiprocessing.util
-
-    if "PoolWorker" in multiprocessing.current_process().name:
-        warn(
-            f"a multiprocessing Pool worker logs into run {logger.run_id}: call run.flush() "
-            "at the end of each task, since Pool.terminate() (what `with Pool()` does on "
-            "exit) kills workers with what they have not flushed; pool.close() and "
-            "pool.join() lose nothing"
-        )
-
-    def final() -> None:
-        # First onto disk, with SIGTERM held back: Pool.terminate() signals workers that
-        # are still in this finalizer, and what reached the spool survives the signal.
-        blocked = hasattr(signal, "pthread_sigmask")
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            logger.flush(logger._timeout, spooled_only=True)
-        finally:
-            if blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        if not logger.flush(logger._timeout, ending=True):
-            log.warning(
-                "a forked child of run %s could not store everything before it ended; the "
-                "rest is in the spool: send it with `trainkit-tracking sync`",
-                logger.run_id,
-            )
-
-    multiprocessing.util.Finalize(logger, final, exitpriority=100)
-    import atexit
-
-    atexit.register(final)
 
 
 hooks.on_fork(_after_fork_in_child)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from trainkit_tracking._core.naming import NamingPolicy
 from trainkit_tracking._core.redact import get_logger, redact_value
-from trainkit_tracking._core.spec import RunSpec
+from trainkit_tracking._core.spec import RunKind, RunSpec
 from trainkit_tracking._core.tags import TagSet, creation_tags
 from trainkit_tracking._insight import context as _context
 from trainkit_tracking._insight.system import Sampler
@@ -124,6 +124,8 @@ def _create(
 ) -> Run:
     store = tracker.store
     parent_id, experiment_id, remote_parent = _parent(tracker, parent)
+    if spec.kind == RunKind.HPO_TRIAL_FOLD and parent_id is not None:
+        _made_a_fold(parent, parent_id)
     if parent_id is None and remote_parent is None and not tracker.fell_back_to_local:
         job_run = _azure.job_run_id(tracker._environ, tracker.tracking_uri)
         adopted = _adopt_job_run(tracker, spec, job_run) if job_run is not None else None
@@ -134,7 +136,7 @@ def _create(
             store,
             spec,
             experiment_id,
-            lambda: find_records(tracker, spec, experiment_id),
+            lambda: find_records(tracker, spec, experiment_id, include_deleted=True),
             lambda: _new_record(
                 tracker, spec, parent_id, remote_parent, experiment_id, name_override
             ),
@@ -142,7 +144,7 @@ def _create(
         )
         return make_run(tracker, record, spec, owns_status=True, shared=True)
     record = _new_record(tracker, spec, parent_id, remote_parent, experiment_id, name_override)
-    return make_run(tracker, record, spec, owns_status=True)
+    return make_run(tracker, record, spec, owns_status=True, fresh=True)
 
 
 def _new_record(
@@ -241,14 +243,21 @@ def spec_tags(tracker: Tracker, spec: RunSpec) -> TagSet:
     )
 
 
+def _made_a_fold(parent: Run | str | None, parent_id: str) -> None:
+    """Tell the parent's Run (when this process holds it) that it has a fold to summarise."""
+    for run in [parent, *_exit.open_runs()]:
+        if isinstance(run, Run) and run._id == parent_id:
+            run._made_folds = True
+
+
 def _parent(tracker: Tracker, parent: Run | str | None) -> tuple[str | None, str, str | None]:
     """(parent id in this store, experiment id, parent id in the target store if offline)."""
     if parent is None:
         return None, tracker.experiment_id, None
     if isinstance(parent, Run):
         if parent.experiment_id and parent._uri == tracker.tracking_uri:
-            return parent.id, parent.experiment_id, None
-        parent_id = parent.id
+            return parent._id, parent.experiment_id, None
+        parent_id = parent._id
     else:
         parent_id = _handover.check_run_id(parent, "parent")
     if tracker.offline:
@@ -291,8 +300,13 @@ def make_run(
     owns_status: bool,
     spec_problem: str | None = None,
     shared: bool = False,
+    fresh: bool = False,
 ) -> Run:
-    """The Run of ``record``: its logger, its hold on the exit path and system metrics."""
+    """The Run of ``record``: its logger, its hold on the exit path and system metrics.
+
+    ``fresh``: created by this call, so no other process can know it yet (until its id
+    is read or handed over): its end reads fold children only if it may have some.
+    """
     from trainkit_tracking._journal.run_logger import RunLogger
 
     store, keys = tracker.store, tracker.keys
@@ -307,6 +321,7 @@ def make_run(
         heartbeat_interval=tracker.heartbeat_interval,
         timeout=tracker.timeout,
         holder_tag=holder,
+        max_params=store.params_per_run,
     )
     run = Run(
         tracker,
@@ -323,6 +338,7 @@ def make_run(
     _exit.hold(run, tracker.exit_timeout)
     if tracker._system is not None:
         tracker._system.add(run)
+    run._known_only_here = fresh  # from now on, reading run.id hands it out
     return run
 
 
@@ -366,10 +382,16 @@ def get_handed_run(tracker: Tracker, run_id: str, source: str) -> RunRecord:
 
 
 def find_records(
-    tracker: Tracker, spec: RunSpec, experiment_id: str | None = None
+    tracker: Tracker,
+    spec: RunSpec,
+    experiment_id: str | None = None,
+    *,
+    include_deleted: bool = False,
 ) -> list[RunRecord]:
     """The runs of the experiment with the identity of ``spec``, newest first."""
     key = tracker.keys["run_key_hash"]
     return tracker.store.search(
-        [experiment_id or tracker.experiment_id], f"tags.`{key}` = '{spec.run_key_hash}'"
+        [experiment_id or tracker.experiment_id],
+        f"tags.`{key}` = '{spec.run_key_hash}'",
+        include_deleted=include_deleted,
     )

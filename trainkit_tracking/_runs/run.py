@@ -1,11 +1,12 @@
-"""Run: one MLflow run owned or joined by this process, and its no-op twin for other ranks."""
+"""Run: one MLflow run owned or joined by this process (its no-op twin for other ranks is
+``other_ranks.NoopRun``)."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,15 +90,25 @@ class Run:
         self._logger = logger
         self._owns_status = owns_status
         self._spec_problem = spec_problem
-        self._holder = holder  # shared run (resume=True): this process's holder tag
+        self._holder = holder  # shared run (resume=True): this process's hold
+        self._shared = holder is not None
         self._ended = False
         self._lock = threading.Lock()
+        # Created here and its id never read nor handed over: no other process can have
+        # made children under it, so its end reads fold runs only if this one made any
+        # (a trial's end then costs no search: SPEC section 19's 3 calls per trial).
+        self._known_only_here = False
+        self._made_folds = False
 
     # Identity ------------------------------------------------------------------
 
     @property
     def id(self) -> str:
+        self._known_only_here = False  # the id may reach another process from here on
         return self._id
+
+    def _may_have_folds_elsewhere(self) -> bool:
+        return not self._known_only_here
 
     @property
     def name(self) -> str:
@@ -212,56 +223,81 @@ class Run:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
         wait = self._tracker.exit_timeout if timeout is None else timeout
-        if self._owns_status and not self._ended and not self._logger.store_down:
+        if self._holder is not None and not self._ended:
+            return self._end_shared(status, wait)
+        reads = self._made_folds or self._may_have_folds_elsewhere() or self._is_sweep()
+        if self._owns_status and not self._ended and not self._logger.store_down and reads:
             started = time.monotonic()
             tracker = self._tracker  # half the bound at most:
             at_end(self, tracker.store, tracker.keys, status, wait / 2, tracker.cv_metrics)
             wait = max(0.0, wait - (time.monotonic() - started))
-        deadline = time.monotonic() + wait
         if not self._end_nowait(status):
             return True
         try:
-            ok = self._logger.flush(wait, ending=True)
+            return self._logger.flush(wait, ending=True)
         except KeyboardInterrupt:
-            if self._owns_status and status != "KILLED" and self._holder is None:
+            if self._owns_status and status != "KILLED":
                 self._logger.end_nowait(
                     "KILLED", override=True, tags={self._tracker.keys["interrupted"]: "true"}
                 )
             raise
-        if self._holder is not None:
-            ok = self._release_hold(status, deadline) and ok
-        return ok
+
+    def _end_shared(self, status: str, wait: float) -> bool:
+        """A shared run: this process's data first, then its hold; only the last live
+        holder writes the summary (a sweep's leaderboard, once, not once per worker) and
+        sets the status. When the store does not answer, the hold just goes stale (the
+        other holders, or `trainkit-tracking reap`, end the run)."""
+        deadline = time.monotonic() + wait
+        ok = self._logger.flush(wait)
+        last = self._drop_hold(deadline)
+        if last and not self._logger.store_down:
+            left = max(0.0, deadline - time.monotonic())
+            at_end(self, self._tracker.store, self._tracker.keys, status, left / 2)
+        if not self._end_nowait(status):
+            return True
+        ok = self._logger.flush(max(0.0, deadline - time.monotonic()), ending=True) and ok
+        if last:
+            ok = self._finish(status, deadline) and ok
+        return ok and last is not None
+
+    def _is_sweep(self) -> bool:
+        return self._spec is not None and self._spec.kind == RunKind.HPO_SWEEP
 
     def _release_hold(self, status: str, deadline: float) -> bool:
-        """A shared run: drop this process's hold; the last live holder sets the status.
+        """The exit path's release (after ``_end_nowait``): drop the hold, and end the run
+        with ``status`` when it was the last live one."""
+        last = self._drop_hold(deadline)
+        return self._finish(status, deadline) if last else last is not None
 
-        Needs the store now; when it does not answer, the hold just goes stale (the other
-        holders, or `trainkit-tracking reap`, end the run).
-        """
+    def _finish(self, status: str, deadline: float) -> bool:
+        store, keys = self._tracker.store, self._tracker.keys
+        return _bounded_store(
+            self._id, lambda: _shared.finish(store, self._id, keys, status), deadline
+        )
 
+    def _drop_hold(self, deadline: float) -> bool | None:
+        """Drop this process's hold: whether it was the last live one (None: the store did
+        not answer, and the hold goes stale)."""
         holder, self._holder = self._holder, None
         if holder is None or self._logger.store_down:
-            return holder is None
+            return None
         tracker = self._tracker
         try:
             return bounded(
-                lambda: (
-                    _shared.release(
-                        tracker.store,
-                        self._id,
-                        holder,
-                        tracker.keys,
-                        status,
-                        stale_after=tracker.holder_timeout,
-                    )
-                    or True
+                lambda: _shared.release(
+                    tracker.store,
+                    self._id,
+                    holder,
+                    tracker.keys,
+                    stale_after=tracker.holder_timeout,
+                    answered_since=self._logger.answered_since,
                 ),
                 timeout=max(0.0, deadline - time.monotonic()),
                 what="releasing the shared run",
             )
         except Exception as exc:  # never fail the end over it: the hold goes stale
             log.warning("could not release shared run %s: %s", self._id, exc)
-            return False
+            return None
 
     def _end_nowait(self, status: str) -> bool:
         """Queue the end (KILLED: with ``code.interrupted=true``); False if already ended."""
@@ -271,7 +307,7 @@ class Run:
             self._ended = True
         _exit.release(self)
         self._tracker._release(self, 0.0)  # system metrics stop before the end record
-        if not self._owns_status or self._holder is not None:
+        if not self._owns_status or self._shared:
             self._logger.end_nowait(None)  # a shared run: its last holder sets the status
         elif status == "KILLED":
             self._logger.end_nowait(status, tags={self._tracker.keys["interrupted"]: "true"})
@@ -308,6 +344,7 @@ class Run:
 
         ``base`` defaults to ``os.environ``; it is copied, never modified.
         """
+        self._known_only_here = False  # handed over: its children may be made there
         env = clean_env(os.environ if base is None else base)
         env.update(self._tracker.handover_env())
         if child is None:
@@ -319,3 +356,13 @@ class Run:
             env[_env.TRAINKIT_PARENT_RUN_ID] = self._id
             env[_env.TRAINKIT_RUN_SPEC] = child.model_dump_json()
         return env
+
+
+def _bounded_store(run_id: str, call: Callable[[], object], deadline: float) -> bool:
+    """End a shared run in the store by ``deadline``; False (logged) when it did not answer."""
+    try:
+        bounded(call, timeout=max(0.0, deadline - time.monotonic()), what="ending the run")
+        return True
+    except Exception as exc:  # never fail the end over it: the hold goes stale
+        log.warning("could not end shared run %s: %s", run_id, exc)
+        return False

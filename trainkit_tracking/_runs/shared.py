@@ -58,9 +58,11 @@ def get_or_create(
 ) -> RunRecord:
     """The unfinished run of ``spec``'s identity, created by exactly one caller when none.
 
-    Callers that see ``n`` runs of the identity (all FINISHED) claim creation ``n + 1``;
-    the others wait for the winner's run to appear. A winner that died before creating
-    is given ``timeout`` seconds, then the next number is claimed.
+    ``find`` returns the identity's runs, deleted ones included. Callers that see ``n``
+    runs of the identity (none unfinished and live) claim creation ``n + 1``; the others
+    wait for the winner's run to appear. Deleted runs count, so they cost nothing (their
+    creators claimed their numbers). A winner that died before creating is given
+    ``timeout`` seconds, then the next number is claimed.
     """
     what = f"run:{spec.run_key_hash}"
     waiting_since: float | None = None
@@ -68,7 +70,7 @@ def get_or_create(
     while True:
         records = find()
         for record in records:
-            if record.status != "FINISHED":
+            if record.status != "FINISHED" and not record.deleted:
                 if record.status != "RUNNING":
                     store.set_status(record.run_id, "RUNNING")
                 return record
@@ -84,34 +86,70 @@ def get_or_create(
 
 
 def take_hold(store: Store, run_id: str, keys: TagKeys) -> str:
-    """Record this process as a holder of the run; returns its tag."""
+    """Record this process as a holder of the run; returns its tag.
+
+    A holder that released at the moment this one joined may have ended the run without
+    seeing it: read back after the hold, such a run is set running again (its last
+    holder ends it, after this one).
+    """
     key = holder_key(keys)
     store.set_tags(run_id, {key: str(int(time.time()))})
+    if store.get_run(run_id).status != "RUNNING":
+        store.set_status(run_id, "RUNNING")
     return key
 
 
-def release(
-    store: Store, run_id: str, key: str, keys: TagKeys, status: str, *, stale_after: float
-) -> bool:
-    """Drop this process's hold; end the run with ``status`` when no live holder is left.
+def released_key(key: str) -> str:
+    """The tag that marks holder ``key`` released: the heartbeat never writes it, so a beat
+    that was in flight while the holder released cannot bring the holder back."""
+    return f"{key}{RELEASED}"
 
-    Each holder deletes its tag before it reads the others, so of holders releasing at
-    the same moment at least the last to read finds none left and ends the run. Returns
-    whether this release ended it.
+
+RELEASED = ".released"
+
+
+def release(
+    store: Store,
+    run_id: str,
+    key: str,
+    keys: TagKeys,
+    *,
+    stale_after: float,
+    answered_since: float = 0.0,
+) -> bool:
+    """Drop this process's hold: whether no other live holder is left (this one then
+    ends the run with ``finish``).
+
+    Each holder marks itself released (and deletes its tag) before it reads the others,
+    so of holders releasing at the same moment at least the last to read finds none
+    left. A holder counts as dead only when its heartbeat is older than ``stale_after``
+    seconds of time in which the store answered: time before ``answered_since`` (when
+    this process's heartbeats last came back after misses) is not counted, so an outage
+    never ends a run whose holders live.
     """
+    store.set_tags(run_id, {released_key(key): "true"})
     store.delete_tag(run_id, key)
     record = store.get_run(run_id)
-    if record.status != "RUNNING":
-        return False
     now = time.time()
     prefix = keys["holder_prefix"] + "."
-    for tag, value in record.tags.items():
-        if tag.startswith(prefix) and tag != key:
-            try:
-                alive = now - float(value) < stale_after
-            except ValueError:  # not ours to judge: counted as alive
-                alive = True
-            if alive:
-                return False
-    store.terminate(run_id, status)
+    holders = [t for t in record.tags if t.startswith(prefix) and not t.endswith(RELEASED)]
+    for tag in holders:
+        if tag == key or released_key(tag) in record.tags:
+            continue
+        try:
+            alive = now - max(float(record.tags[tag]), answered_since) < stale_after
+        except ValueError:  # not ours to judge: counted as alive
+            alive = True
+        if alive:
+            return False
     return True
+
+
+def finish(store: Store, run_id: str, keys: TagKeys, status: str) -> None:
+    """The last live holder ends the run (again, if a release that missed a joiner already
+    did: the end is then this one's) and clears the holders' tags."""
+    store.terminate(run_id, status)
+    prefix = keys["holder_prefix"] + "."
+    for tag in store.get_run(run_id).tags:
+        if tag.startswith(prefix):
+            store.delete_tag(run_id, tag)

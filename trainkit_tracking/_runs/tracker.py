@@ -112,6 +112,7 @@ class Tracker:
         self._cwd = Path(cwd) if cwd is not None else None
         self._platform: Platform = detect_platform(self._environ)
         self._rank_checked = _rank.current_rank(self._environ)  # a malformed RANK fails here
+        _env.store_flavor("", self._environ)  # a malformed TRAINKIT_STORE_FLAVOR fails here
         self._warned: set[str] = set()
         self._where = Resolution(
             self._environ,

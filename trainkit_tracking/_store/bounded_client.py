@@ -362,6 +362,9 @@ class BoundedClient(abc.ABC, Generic[C]):
 
         return watch
 
+    def _prepare_open(self) -> None:
+        """What opening needs that takes no lock (imports): done before the sqlite lock."""
+
     @abc.abstractmethod
     def _open_client(self) -> C:
         """The client of ``tracking_uri``; the only place where it is made."""
@@ -381,7 +384,10 @@ class BoundedClient(abc.ABC, Generic[C]):
                     if db is None:
                         self._client = self._open_client()
                     else:
-                        # Opening the store creates/migrates the schema.
+                        # Opening the store creates/migrates the schema. The imports (~5 s
+                        # on a loaded machine) come first, outside the lock: N processes
+                        # opening one store at once had queued for N x 5 s.
+                        self._prepare_open()
                         deadline = time.monotonic() + max(self.timeout, SQLITE_INIT_TIMEOUT)
                         with _sqlite_init_lock(db, deadline):
                             self._client = self._open_client()

@@ -19,6 +19,7 @@ from trainkit_tracking._store.bounded_client import DEFAULT_TIMEOUT as DEFAULT_T
 from trainkit_tracking._store.bounded_client import BoundedClient, error_code, is_already_exists
 from trainkit_tracking._store.bounded_client import is_transient as is_transient
 from trainkit_tracking._store.bounded_client import sqlite_path as sqlite_path
+from trainkit_tracking._store.service_limits import ServiceLimits
 from trainkit_tracking.errors import TrackingError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    deleted: bool = False  # soft-deleted (``mlflow gc`` purges it)
 
     @property
     def parent_id(self) -> str | None:
@@ -58,13 +60,17 @@ class ExperimentRecord:
     deleted: bool
 
 
-class Store(BoundedClient["MlflowClient"]):
+class Store(ServiceLimits, BoundedClient["MlflowClient"]):
     """MlflowClient with explicit run ids; every call bounded, retried and classified."""
 
     def _open_client(self) -> MlflowClient:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _prepare_open(self) -> None:
+        import mlflow.store.tracking.sqlalchemy_store
+        import mlflow.tracking  # noqa: F401
 
     # Experiments -------------------------------------------------------------
 
@@ -130,7 +136,7 @@ class Store(BoundedClient["MlflowClient"]):
         while True:
             page = self._call(
                 lambda token=token: self.client.search_experiments(  # type: ignore[misc]
-                    max_results=1000, page_token=token
+                    max_results=self.page_size, page_token=token
                 ),
                 what="search_experiments",
             )
@@ -248,7 +254,8 @@ class Store(BoundedClient["MlflowClient"]):
         token: str | None = None
         seen = 0
         while True:
-            page_size = 1000 if max_results is None else min(1000, max_results - seen)
+            limit = self.page_size
+            page_size = limit if max_results is None else min(limit, max_results - seen)
             page = self._call(
                 lambda page_size=page_size, token=token: self.client.search_runs(  # type: ignore[misc]
                     list(experiment_ids),
@@ -281,24 +288,30 @@ class Store(BoundedClient["MlflowClient"]):
         Re-sending the same batch is harmless: MLflow ignores a metric point with the
         same key, value, timestamp and step, a param with the same value, and tags are
         upserts. The logger's exactly-once guarantee rests on this. Points for a SQL store
-        reached directly are bulk-inserted into MLflow's tables (``sql_bulk``), alike.
+        reached directly are bulk-inserted into MLflow's tables (``sql_bulk``), alike. More
+        metric values than the store takes per request (Azure ML: 250) go in several
+        requests, params and tags with the first: every sender (the spool's, `sync`, `push`)
+        gets the cut.
         """
+        step_size = self.metrics_per_request
+        chunks = [metrics[i : i + step_size] for i in range(0, len(metrics), step_size)] or [()]
+        for number, chunk in enumerate(chunks):
+            first = not number
 
-        def call() -> None:
-            path = self._metric_path() if metrics else None
-            writer = None if path is None else path.writer
-            sql_bulk.log_batch(self.client, writer, run_id, metrics, params or {}, tags or {})
+            def call(chunk: Sequence[sql_bulk.Point] = chunk, first: bool = first) -> None:
+                path = self._metric_path() if chunk else None
+                writer = None if path is None else path.writer
+                extra = (params or {}, tags or {}) if first else ({}, {})
+                sql_bulk.log_batch(self.client, writer, run_id, chunk, *extra)
 
-        self._call(call, what="log_batch")
+            self._call(call, what="log_batch")
 
     def metric_path(self) -> str:
         """How this store's metric points are written, and why (``doctor`` shows it)."""
         return self._call(lambda: self._metric_path().describe(), what="read the schema")
 
-    def _metric_path(self) -> sql_bulk.MetricPath:
-        """Checked once per store (the schema is read), inside the caller's deadline."""
-        if not hasattr(self, "_paths"):
-            self._paths = sql_bulk.PathCheck(self.shown_uri)
+    def _metric_path(self) -> sql_bulk.MetricPath:  # read once per store, within a call
+        self._paths = getattr(self, "_paths", None) or sql_bulk.PathCheck(self.shown_uri)
         return self._paths.get(self.client)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None) -> None:
@@ -368,4 +381,5 @@ def record_of(run: Any) -> RunRecord:
         tags=dict(data.tags),
         params=dict(data.params),
         metrics=dict(data.metrics),
+        deleted=getattr(info, "lifecycle_stage", "active") == "deleted",
     )
