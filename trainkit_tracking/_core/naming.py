@@ -76,7 +76,7 @@ def _spec_values(spec: RunSpec) -> dict[str, str | None]:
             raise PolicyError(f"kind 'conversion': {e}") from e
     return {
         "env": _normalise(spec.storage_env),
-        "model": _normalise(redact_value(spec.model)),
+        "model": _normalise(spec.model),
         "study_hash": _cut_hash(spec.study_key_hash),
         "trial_hash": _cut_hash(spec.trial_key_hash),
         "trial_number": None if spec.trial_number is None else f"{spec.trial_number:02d}",

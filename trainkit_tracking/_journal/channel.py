@@ -152,7 +152,7 @@ class Channel:
             self.open_writer()
         if self.writer is None or not self.spool_ok:
             return records
-        recovered = self.writer.recovered
+        recovered, recoveries = self.writer.recovered, self.writer.recoveries
         try:
             self.writer.append(records)
         except JournalLost as exc:
@@ -163,7 +163,7 @@ class Channel:
         except (OSError, TrackingError) as exc:
             self.spool_failed(exc, records)
             return records
-        if self.writer.recovered != recovered:
+        if self.writer.recoveries != recoveries:
             warn(
                 f"the tracking journal of run {self.run_id} was deleted from "
                 f"{str(self.spool_dir)!r} while the run logged; it was made again, with the "

@@ -80,7 +80,8 @@ class Sender:
         self.store = Store(tracking_uri, timeout=timeout, retries=False)
         self.mode = mode
         self.linger = linger
-        self.lock_fd = lock_fd
+        self.lock_fd = lock_fd  # the store's sender lock: closed (released) by close()
+        self.left = 0  # entries still to send when it closed
         self.accept = accept  # sync --experiment: which runs to send
         self.on_settled = on_settled  # sync's progress bar: called once per entry
         self.journal = StoreFiles(spool_dir, self.uid, lock_fd=lock_fd, accept=accept)
@@ -222,9 +223,18 @@ class Sender:
     # Files -----------------------------------------------------------------------
 
     def close(self) -> None:
+        """Forget the files, and release the store's lock: the sender owns ``lock_fd``."""
+        self.left = sum(len(f.todo) for f in self.files.values())
         self.journal.close()
         self.waker.close()
         self._stop.set()
+        if self.lock_fd is not None:
+            if self.mode == "process":  # before the lock: the next sender writes its own
+                with contextlib.suppress(OSError):
+                    status_path(self.spool_dir, self.uid).unlink()
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = self.journal.lock_fd = None
 
     # Sending ---------------------------------------------------------------------
 
@@ -340,12 +350,8 @@ def main(argv: list[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        Sender(spool_dir, uri, timeout=timeout, mode="process", linger=linger, lock_fd=fd).run()
-    finally:
-        with contextlib.suppress(OSError):
-            status_path(spool_dir, uri_id(uri)).unlink()
-        os.close(fd)
+    # The sender owns the lock from here: its status file and the lock go when it ends.
+    Sender(spool_dir, uri, timeout=timeout, mode="process", linger=linger, lock_fd=fd).run()
     return 0
 
 

@@ -100,18 +100,17 @@ class Link:
             time.sleep(0.005)
         if fd is None:
             return  # another sender has the store: it sends our files too
-        sender = Sender(self.spool_dir, self.uri, timeout=self.timeout, mode="thread", lock_fd=fd)
+        try:
+            sender = Sender(
+                self.spool_dir, self.uri, timeout=self.timeout, mode="thread", lock_fd=fd
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         self.thread = sender
         self._port = (time.monotonic(), sender.waker.port)
-
-        def run() -> None:
-            try:
-                sender.run()
-            finally:
-                if sender.lock_fd is not None:  # None: closed in a forked child
-                    os.close(fd)
-
-        threading.Thread(target=run, name="trainkit-sender", daemon=True).start()
+        # The sender releases the lock when it ends.
+        threading.Thread(target=sender.run, name="trainkit-sender", daemon=True).start()
 
     def _spawn(self, now: float) -> None:
         import subprocess

@@ -152,6 +152,7 @@ class SpoolWriter:
         self._dirty = False
         self.closed = False
         self.recovered = 0  # entries written again after the journal was deleted under us
+        self.recoveries = 0  # times the journal was made again
         private_dir(spool_dir)
         self._open_segment()
         _OPEN.add(self)
@@ -242,6 +243,7 @@ class SpoolWriter:
             write_all(self._fd, data)
             self._size += len(data)
         self.recovered += len(kept)
+        self.recoveries += 1
 
     def sync_to_disk(self) -> None:
         with self._lock:

@@ -201,25 +201,26 @@ def _send_in_foreground(
     tick: Callable[[int], None],
 ) -> None:
     """``sync`` as the store's sender (it holds the lock ``fd``, and releases it)."""
-    sender = Sender(
-        spool_dir,
-        uri,
-        timeout=timeout,
-        mode="sync",
-        lock_fd=fd,
-        accept=accept,
-        on_settled=lambda: tick(1),
-    )
     try:
-        finished = sender.run_until_done(timeout)
-    finally:
+        sender = Sender(
+            spool_dir,
+            uri,
+            timeout=timeout,
+            mode="sync",
+            lock_fd=fd,
+            accept=accept,
+            on_settled=lambda: tick(1),
+        )
+    except BaseException:
         os.close(fd)
+        raise
+    finished = sender.run_until_done(timeout)  # releases the lock when it returns
     report.sent += sender.progress.stored
     for key, count in sender.progress.counts.items():
         setattr(report, key, getattr(report, key) + count)
     report.refused.extend(sender.progress.set_aside)
     if not finished:
-        left = sum(len(f.todo) for f in sender.files.values()) or "some"
+        left = sender.left or "some"
         report.errors.append(
             f"{redact_value(uri)} did not answer for {timeout:.0f} s: {left} entries are left "
             "in the journal; run `trainkit-tracking sync` again once it answers"

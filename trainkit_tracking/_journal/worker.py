@@ -353,9 +353,9 @@ def shutdown_worker(deadline: float) -> bool:
     if worker is None or worker.pid != os.getpid():
         return True
     spool_dirs = sorted({str(c.spool_dir) for c in worker.channels()})
-    with worker.lock:
-        processes = [link for link in worker._links.values() if link.mode == "process"]
     ok = worker.shutdown(deadline)
+    with worker.lock:  # after the drain: it may have started the first sender
+        processes = [link for link in worker._links.values() if link.mode == "process"]
     if not ok:
         where = f"the rest is in the spool ({', '.join(spool_dirs)})"
         if processes:

@@ -218,9 +218,11 @@ class BoundedClient(abc.ABC, Generic[C]):
         return f"{type(self).__name__}({self.shown_uri!r})"
 
     def _unavailable(self, what: str, waited: float, reason: str) -> StoreUnavailableError:
+        loading = getattr(self, "_loading", 0.0)
+        first = f", after {loading:.1f} s loading MLflow" if loading >= 0.5 else ""
         return StoreUnavailableError(
             f"the tracking store {self.shown_uri} did not answer {what} within {waited:.1f} s "
-            f"({redact_value(reason)}); check that it is running and reachable (`trainkit-"
+            f"({redact_value(reason)}{first}); check that it is running and reachable (`trainkit-"
             "tracking doctor` tells), or raise Tracker(timeout=...) / TRAINKIT_TIMEOUT",
             uri=self.shown_uri,
             operation=what,
@@ -290,12 +292,14 @@ class BoundedClient(abc.ABC, Generic[C]):
         ``call`` the second time (a creation looks for what the first try may have made);
         ``on_late``: what to do with an answer that came after the caller gave up.
         """
-        # The time waited that messages state starts now; the deadline starts once the
-        # client is open (importing mlflow takes seconds and waits on no network).
-        started = time.monotonic()
+        # The deadline starts once the client is open (importing mlflow takes seconds and
+        # waits on no network); messages say both times, as they were.
+        opening = time.monotonic()
         client = self.client
         assert client is not None
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        started = time.monotonic()
+        self._loading = started - opening
+        deadline = started + (self.timeout if timeout is None else timeout)
         delay = 0.05
         attempt = call
         while True:
