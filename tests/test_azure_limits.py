@@ -8,6 +8,7 @@ Every test asserts that the proxy refused nothing: the SDK keeps the limits itse
 from __future__ import annotations
 
 import multiprocessing
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,13 @@ from trainkit_tracking.cli import cli
 from trainkit_tracking.testing import MlflowServer
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def version_of(name: str) -> int:
+    """The `_N` of a run name, in the default policy's names and the seed's alike."""
+    found = re.search(r"_(\d+)(?: |$)", name)
+    assert found, name
+    return int(found.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +60,12 @@ def workspace(
 
 
 def test_the_pipeline_runs_through_the_workspace_within_its_limits(
-    workspace: SimulatedWorkspace, tmp_path: Path, trainkit_sqlite_template: Path
+    workspace: SimulatedWorkspace,
+    tmp_path: Path,
+    trainkit_sqlite_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("TRAINKIT_CV_METRICS", "loss")  # the folds log a plain `loss`
     uri = workspace.uri
     ids = build_pipeline(uri, tmp_path)  # sweep, trials, folds, refit, final, benchmark
     tracker = Tracker("pipeline", uri, project="ner")
@@ -100,7 +112,7 @@ def test_the_pipeline_runs_through_the_workspace_within_its_limits(
     pushed = client.search_runs(
         [client.get_experiment_by_name("offline").experiment_id], max_results=10
     )
-    assert sorted(r.info.run_name[-2:] for r in pushed) == ["_1", "_2"]
+    assert sorted(version_of(r.info.run_name) for r in pushed) == [1, 2]
     tracker.close()
 
 
@@ -190,5 +202,5 @@ def test_version_races_through_the_workspace_are_exact(
     with SimulatedWorkspace(azure_server.uri, params_per_run=params_per_run) as proxy:
         names = race(proxy.uri, f"race-{params_per_run}", racers=8, runs=2)
     assert not [n for n in names if n.startswith("error")], names
-    assert sorted(int(n.rsplit("_", 1)[1]) for n in names) == list(range(1, 17))
+    assert sorted(version_of(n) for n in names) == list(range(1, 17))
     assert proxy.violations == [] or params_per_run < 200  # full runs refuse by design

@@ -302,8 +302,7 @@ class SpoolWriter:
 
 
 def _read_fd(fd: int) -> list[Record]:
-    records, offset = [], 0
-    chunks = []
+    records, offset, chunks = [], 0, []
     while True:
         chunk = os.pread(fd, 1 << 20, offset)
         if not chunk:

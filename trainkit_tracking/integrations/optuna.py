@@ -213,7 +213,15 @@ class TrackedStudy:
     def end(self, status: str = "FINISHED") -> None:
         """End the sweep run (only when this object started it)."""
         if self._sweep is not None and self._owns_sweep:
+            self._record_best_at_end()
             self._sweep.end(status)
+
+    def _record_best_at_end(self) -> None:
+        # A worker's tag can land after another's newer one: the last to end has the last say.
+        try:
+            self.record_best()
+        except Exception as exc:  # never fatal: the tag is a convenience
+            log.warning("could not tag the sweep with the best trial: %s", exc)
 
     def __enter__(self) -> TrackedStudy:
         self.start()
@@ -227,6 +235,8 @@ class TrackedStudy:
     ) -> None:
         if self._sweep is None or not self._owns_sweep:
             return
+        if exc is None:
+            self._record_best_at_end()
         # The Run's own exit maps the outcome to a status (FINISHED / FAILED / KILLED).
         self._sweep.__exit__(exc_type, exc, tb)
 
