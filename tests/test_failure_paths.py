@@ -76,7 +76,9 @@ def test_refused_port_falls_back_to_the_local_store_and_marks_runs_for_push(
     # The local store exists already: what is timed is giving up, not migrating a new one.
     (tmp_path / "mlruns").mkdir()
     shutil.copyfile(trainkit_sqlite_template, tmp_path / "mlruns" / "mlflow.db")
-    tracker = Tracker("x", uri, cwd=tmp_path, spool_dir=tmp_path / "s")
+    # exit_timeout: the first end waits for the sender process to start (importing mlflow:
+    # seconds, more than the default 10 s on a loaded 2-core machine).
+    tracker = Tracker("x", uri, cwd=tmp_path, spool_dir=tmp_path / "s", exit_timeout=120)
     started = time.monotonic()
     with pytest.warns(TrackingWarning, match="trainkit-tracking push") as caught:
         sweep = tracker.start_run(SPEC)
@@ -84,8 +86,9 @@ def test_refused_port_falls_back_to_the_local_store_and_marks_runs_for_push(
     assert all("s3cretpw" not in str(w.message) for w in caught)
     assert tracker.offline and tracker.tracking_uri.startswith("sqlite:///")
     assert str(tmp_path) in tracker.tracking_uri
-    with sweep, sweep.child("hpo_trial", trial_number=0) as trial:
-        trial.log_metric("loss", 0.5)
+    trial = sweep.child("hpo_trial", trial_number=0)
+    trial.log_metric("loss", 0.5)
+    assert trial.end() and sweep.end()
     tags = tracker.store.get_run(sweep.id).tags
     assert tags["code.push_to"] == "http://***@127.0.0.1:" + uri.rsplit(":", 1)[1]
     child = tracker.store.get_run(trial.id)
