@@ -18,13 +18,15 @@ class Proxy:
     """``Proxy(target_uri)``: ``uri`` forwards to the target; ``points`` counts the metric
     points of every log-batch request by run id; ``delay[path_suffix]`` seconds are waited
     after the target answered a request whose path ends with it (the target did the work;
-    the client hears of it late)."""
+    the client hears of it late); ``lose[path_suffix]`` answers are replaced by a 503 (the
+    target did the work; the client hears it failed)."""
 
     def __init__(self, target_uri: str) -> None:
         parts = urlsplit(target_uri)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.points: dict[str, int] = {}
         self.delay: dict[str, float] = {}
+        self.lose: dict[str, int] = {}
         self.lock = threading.Lock()
         proxy = self
 
@@ -44,6 +46,14 @@ class Proxy:
                 for suffix, seconds in list(proxy.delay.items()):
                     if self.path.split("?")[0].endswith(suffix):
                         time.sleep(seconds)
+                with proxy.lock:
+                    path = self.path.split("?")[0]
+                    lost = [s for s, n in proxy.lose.items() if n > 0 and path.endswith(s)]
+                    for suffix in lost:
+                        proxy.lose[suffix] -= 1
+                if lost:
+                    self.send_error(503, "answer lost by the test proxy")
+                    return
                 try:
                     self.send_response(response.status)
                     for key, value in response.getheaders():

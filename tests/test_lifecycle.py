@@ -159,6 +159,27 @@ def test_a_create_run_answered_after_the_deadline_leaves_no_orphan(
 
 
 @pytest.mark.server
+def test_a_retried_create_run_finds_the_run_its_first_try_made(
+    trainkit_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's own HTTP retries off: the SDK's retry is the one that runs.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = Store(trainkit_server.uri)
+    with Proxy(trainkit_server.uri) as proxy:
+        tracker = Tracker(f"retried-{tmp_path.name}", proxy.uri, spool_dir=tmp_path / "spool")
+        experiment_id = tracker.setup()[1]
+        tracker.start_run(SPEC).end()  # the experiment's claims run exists
+        proxy.lose["/runs/create"] = 1  # the server makes the run; the client hears a 503
+        run = tracker.start_run(SPEC.model_copy(update={"study_key_hash": "bbbbbbbb"}))
+        assert run.end() and not tracker.offline
+    made = store.search([experiment_id], include_deleted=True)
+    assert len(made) == 2, [(r.run_id, r.name) for r in made]  # the warm-up run and this one
+    assert run.id in {r.run_id for r in made}
+    creation_id = store.get_run(run.id).tags["code.creation_id"]
+    assert len(creation_id) == 32 and creation_id != "***"  # searchable, never masked
+
+
+@pytest.mark.server
 def test_a_server_that_died_is_given_up_on_within_five_seconds_on_the_first_call(
     trainkit_sqlite_template: Path, tmp_path: Path
 ) -> None:

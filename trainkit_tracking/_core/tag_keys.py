@@ -74,8 +74,9 @@ _DEFAULT_KEYS: dict[str, str] = {
     # Run state.
     "interrupted": "code.interrupted",
     "heartbeat": "code.heartbeat",
-    # A token set at creation: a retried or late create_run finds the run it made.
-    "create_token": "code.create_token",
+    # A random id set at creation: a retried or late create_run finds the run it made
+    # (a key no secret rule masks: a masked value could not be searched for).
+    "creation_id": "code.creation_id",
     # The identity fields of the RunSpec as JSON (set by the Tracker at creation), so a
     # joined run rebuilds exactly the spec it was created with.
     "run_spec": "code.run_spec",

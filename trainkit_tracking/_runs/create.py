@@ -162,9 +162,9 @@ def _new_record(
         tags = tags | {keys["push_to"]: push_to}
     if remote_parent is not None:
         tags = tags | {keys["remote_parent_id"]: remote_parent}
-    tags = tags | {keys["create_token"]: secrets.token_hex(16)}
+    tags = tags | {keys["creation_id"]: secrets.token_hex(16)}
     _check_storable(name, tags)
-    record = store.create_run(experiment_id, name, tags, token_tag=keys["create_token"])
+    record = store.create_run(experiment_id, name, tags, id_tag=keys["creation_id"])
     if push_to is not None:
         _exit.created_offline(tracker.tracking_uri)
     policy = tracker.policy

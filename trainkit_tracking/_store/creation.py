@@ -1,4 +1,4 @@
-"""Creating a run exactly once: a token tag set at creation lets a retry find the run the
+"""Creating a run exactly once: a random id tagged at creation lets a retry find the run the
 first try may have made, and a run whose creation answered after the caller gave up (and
 went offline, or raised) is deleted, so that no orphan RUNNING run is left behind."""
 
@@ -27,7 +27,7 @@ def calls(
     run_name: str,
     tags: Mapping[str, str],
     start_time: int | None,
-    token_tag: str | None,
+    id_tag: str | None,
 ) -> CreateCalls:
     """What ``Store.create_run`` passes through its one door."""
 
@@ -36,8 +36,8 @@ def calls(
             experiment_id, start_time=start_time, tags=dict(tags), run_name=run_name
         )
 
-    token = tags.get(token_tag) if token_tag else None
-    if token is None:
+    creation_id = tags.get(id_tag) if id_tag else None
+    if creation_id is None:
         return CreateCalls(create)
 
     def find_or_create() -> Any:
@@ -45,7 +45,7 @@ def calls(
 
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{token_tag}` = '{token}'",
+            filter_string=f"tags.`{id_tag}` = '{creation_id}'",
             run_view_type=ViewType.ALL,
             max_results=1,
         )

@@ -170,14 +170,14 @@ class Store(ServiceLimits, BoundedClient["MlflowClient"]):
         tags: Mapping[str, str],
         start_time: int | None = None,
         *,
-        token_tag: str | None = None,
+        id_tag: str | None = None,
     ) -> RunRecord:
         """A new run; ``start_time`` (ms) None: now (push keeps the source run's).
 
-        ``token_tag``: the tag (in ``tags``) whose unique value makes the creation
+        ``id_tag``: the tag (in ``tags``) whose unique value makes the creation
         idempotent (``creation.py``).
         """
-        calls = creation.calls(self.client, experiment_id, run_name, tags, start_time, token_tag)
+        calls = creation.calls(self.client, experiment_id, run_name, tags, start_time, id_tag)
         return record_of(self._call(calls.create, what="create_run", **calls.guards))
 
     def rename_run(self, run_id: str, name: str) -> None:
