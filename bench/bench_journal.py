@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, raw = result["flush"]
         print(
             f"| {store} | flush of one point (median) | {ours * 1000:.1f} ms "
-            f"| {raw * 1000:.1f} ms (sync log_metric) | +{(ours - raw) * 1000:.1f} ms |"
+            f"| {raw * 1000:.1f} ms (sync log_metric) | {(ours - raw) * 1000:+.1f} ms |"
         )
         ours, raw = result["tree"]
         print(

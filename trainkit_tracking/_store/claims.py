@@ -43,7 +43,7 @@ TAG_FOR = "trainkit.claims_for"  # the user experiment's id
 TAG_REDERIVE = "trainkit.claims_rederive"  # made after claims were lost: check live runs
 # Waiting for the process that took the right to make a claims run, before making one.
 MAKER_WAIT = 5.0
-MAKER_SETTLE = 0.05
+MAKER_SETTLE = 0.2
 
 WON, TAKEN, GONE, FULL = "won", "taken", "gone", "full"
 
