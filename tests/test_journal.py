@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -226,6 +227,33 @@ def test_a_spool_dir_deleted_mid_run_loses_nothing(
     store = Store(trainkit_store.uri)
     assert steps(store, run.id, "loss") == list(range(6000))
     assert store.get_run(run.id).status == "FINISHED"
+
+
+def test_a_temporary_spool_dir_is_removed_cleanly_and_its_sender_ends(
+    trainkit_store: TrainkitStore,
+) -> None:
+    # A user's test suite: the spool in a TemporaryDirectory, removed once the runs ended.
+    # The sender outlives the runs; it must neither break the removal nor make the
+    # directory again.
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="trainkit-spool-") as tmp:
+            spool = Path(tmp) / "spool"
+            tracker = Tracker("temporary-spool", trainkit_store.uri, spool_dir=spool)
+            with tracker.start_run(SPEC) as run:
+                run.log_metric("loss", 1.0)
+            assert run.end()
+            pids = [s["pid"] for s in senders(spool) if isinstance(s.get("pid"), int)]
+            assert pids, "the sender process still runs: the case under test"
+        wait_for("the senders to end", lambda pids=pids: not any(map(_alive, pids)), 30)
+        assert not spool.exists() and not Path(tmp).exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

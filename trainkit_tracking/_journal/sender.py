@@ -28,7 +28,7 @@ from trainkit_tracking._core.redact import get_logger, redact_value
 from trainkit_tracking._journal.delivery import Outcome, StoreDown, deliver
 from trainkit_tracking._journal.ledger import Record, log_set_aside
 from trainkit_tracking._journal.sender_files import SCAN, JournalFile, Progress, StoreFiles, count
-from trainkit_tracking._journal.sender_lock import hold_lock, status_path, write_status
+from trainkit_tracking._journal.sender_lock import hold_lock, lock_path, status_path, write_status
 from trainkit_tracking._journal.spool import SUFFIX, uri_id
 from trainkit_tracking._journal.wake import Waker
 from trainkit_tracking._process import hooks
@@ -229,7 +229,8 @@ class Sender:
         self.waker.close()
         self._stop.set()
         if self.lock_fd is not None:
-            if self.mode == "process":  # before the lock: the next sender writes its own
+            if self.mode == "process" and self.lock_intact():  # before the lock: the next
+                # sender writes its own (and a lost lock's status file is not ours)
                 with contextlib.suppress(OSError):
                     status_path(self.spool_dir, self.uid).unlink()
             with contextlib.suppress(OSError):
@@ -304,6 +305,17 @@ class Sender:
 
     # Status ----------------------------------------------------------------------
 
+    def lock_intact(self) -> bool:
+        """Whether the lock file this sender holds is still the spool dir's."""
+        if self.lock_fd is None:
+            return True
+        try:
+            held = os.fstat(self.lock_fd)
+            current = os.stat(lock_path(self.spool_dir, self.uid))
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+
     def _write_status(self, waiting: bool) -> None:
         status: dict[str, object] = {
             "pid": os.getpid(),
@@ -319,7 +331,8 @@ class Sender:
         if status == self._status and now - self._status_at < 5.0:
             return
         self._status, self._status_at = status, now
-        write_status(self.spool_dir, self.uid, status)
+        if self.lock_intact():  # never a file in a spool dir being removed
+            write_status(self.spool_dir, self.uid, status)
 
 
 # The process -----------------------------------------------------------------------

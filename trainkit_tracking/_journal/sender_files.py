@@ -108,7 +108,7 @@ class StoreFiles:
 
     def keep_lock(self) -> bool:
         """The spool dir deleted under us takes our lock file with it: take a new one (or,
-        when another sender took it first, leave the store to that one)."""
+        when another sender took it first or nothing is left to send, stop)."""
         if self.lock_fd is None:
             return True
         try:
@@ -119,6 +119,12 @@ class StoreFiles:
             ours = False
         if ours:
             return True
+        if not any(f.todo or not f.eof for f in self.files.values()):
+            # Nothing unsent: the directory was removed on purpose (a temporary directory
+            # cleaned up), so end without making it again. A writer that still lives makes
+            # it again at its next write, and starts a sender then.
+            log.info("the spool dir %s was removed with nothing left to send", self.spool_dir)
+            return False
         try:
             private_dir(self.spool_dir)
             fd = hold_lock(self.spool_dir, self.uid)
