@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from children import python
 
 from trainkit_tracking import TrackingWarning
 from trainkit_tracking._journal.run_logger import RunLogger, pending, sync
@@ -41,17 +42,6 @@ def step_counts(store: Store, run_id: str, key: str) -> Counter[int]:
 def sqlite_copy(template: Path, path: Path) -> str:
     shutil.copyfile(template, path)
     return f"sqlite:///{path}"
-
-
-def child(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
 
 
 def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 120) -> None:
@@ -113,7 +103,7 @@ def test_sigkill_with_the_store_down_then_sync_recovers_exactly_once(
     port = free_port()
     uri = f"http://127.0.0.1:{port}"  # nobody listens yet: the store is down
     spool = tmp_path / "spool"
-    proc = child(
+    proc = python(
         """
         import sys, time
         from pathlib import Path
@@ -167,7 +157,7 @@ def test_sigkill_after_a_flush_then_sync_exactly_once(
     store = Store(uri)
     run_id = new_run(store)
     spool = tmp_path / "spool"
-    proc = child(
+    proc = python(
         """
         import sys, time
         from pathlib import Path
@@ -285,7 +275,7 @@ def test_interpreter_exit_sends_what_is_pending(
             logger.log_metric("m", float(step), step=step)
         # no flush, no end: the exit hook sends it
     """
-    proc = child(code, uri, run_id, str(spool))
+    proc = python(code, uri, run_id, str(spool))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert sorted(step_counts(store, run_id, "m")) == list(range(1000))
@@ -305,7 +295,7 @@ def test_interpreter_exit_with_the_store_down_is_bounded(tmp_path: Path) -> None
         print("logged", flush=True)
     """
     start = time.monotonic()
-    proc = child(code, uri, str(spool))
+    proc = python(code, uri, str(spool))
     out, err = proc.communicate(timeout=120)
     took = time.monotonic() - start
     assert proc.returncode == 0, err

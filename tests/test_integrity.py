@@ -11,13 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from children import python, steps
 
 from trainkit_tracking import RunSpec, Tracker, TrackingWarning
 from trainkit_tracking._store.store import Store
@@ -27,20 +27,6 @@ from trainkit_tracking.testing import MlflowServer, TrainkitStore
 pytestmark = pytest.mark.default_sender
 
 SPEC = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
-
-
-def python(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-
-
-def metric_steps(store: Store, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in store.client.get_metric_history(run_id, key))
 
 
 # --- 1. a fresh sqlite store used by several processes at once ---------------------------
@@ -104,8 +90,8 @@ def test_an_undecodable_value_is_stored_escaped_and_blocks_nothing(
     other.end()
     record = tracker.store.get_run(run.id)
     assert record.params["data_file"] == "data_\\xff.txt"
-    assert metric_steps(tracker.store, run.id, "loss") == list(range(100))
-    assert metric_steps(tracker.store, other.id, "loss") == list(range(100))
+    assert steps(tracker.store, run.id, "loss") == list(range(100))
+    assert steps(tracker.store, other.id, "loss") == list(range(100))
 
 
 @pytest.mark.parametrize("where", ["sqlite", "server"])
@@ -129,7 +115,7 @@ def test_a_refused_param_costs_only_itself(
     record = tracker.store.get_run(run.id)
     assert record.params == {"lr": "0.1", "epochs": "3"}
     assert record.tags["phase"] == "train" and record.status == "FINISHED"
-    assert metric_steps(tracker.store, run.id, "loss") == list(range(100))
+    assert steps(tracker.store, run.id, "loss") == list(range(100))
     from trainkit_tracking import pending
 
     assert pending(spool) == 0  # nothing for `sync` to retry forever
@@ -178,8 +164,8 @@ def test_sync_after_a_spool_write_failure_resends_nothing_and_reverts_nothing(
     store = Store(trainkit_server.uri)
     record = store.get_run(run_id)
     assert record.tags["phase"] == "end"
-    steps = metric_steps(store, run_id, "loss")
-    assert steps == list(range(2000)), len(steps)  # every point once
+    stored = steps(store, run_id, "loss")
+    assert stored == list(range(2000)), len(stored)  # every point once
 
 
 # --- 5. exit statuses, with or without `with`, kept or dropped ---------------------------
@@ -282,7 +268,7 @@ def test_exit_statuses(case: str, trainkit_server: MlflowServer, tmp_path: Path)
     record = store.get_run(run_id)
     assert record.status == status, err
     assert (record.tags.get("code.interrupted") == "true") == (status == "KILLED")
-    assert metric_steps(store, record.run_id, "m") == list(range(50))
+    assert steps(store, record.run_id, "m") == list(range(50))
 
 
 # --- 6. forked children ------------------------------------------------------------------
@@ -325,7 +311,7 @@ def test_forked_pool_workers_lose_nothing(
 
     sync(tmp_path / "spool")  # what a terminated worker could not send, it left spooled
     for worker in range(4):
-        assert metric_steps(tracker.store, run.id, f"w{worker}") == list(range(500))
+        assert steps(tracker.store, run.id, f"w{worker}") == list(range(500))
 
 
 # --- 7, 8. names, decoding, recursion, redaction ------------------------------------------

@@ -15,9 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from children import python, steps
 from proxies import Proxy
 
 from trainkit_tracking import RunSpec, Tracker, TrackingWarning, sync
@@ -40,10 +39,6 @@ SPEC = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_ha
 OTHER = SPEC.model_copy(update={"study_key_hash": "ef567890"})
 
 
-def steps(store: Store, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in store.client.get_metric_history(run_id, key))
-
-
 def wait_for(what: str, condition: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,16 +46,6 @@ def wait_for(what: str, condition: Any, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def child(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-    )
 
 
 def server_on_copy(tmp_path: Path, template: Path) -> MlflowServer:
@@ -128,7 +113,7 @@ def test_a_value_postgresql_refuses_is_set_aside_and_holds_back_nothing(
     uri, spool = trainkit_postgres_server.uri, tmp_path / "spool"
     tracker = Tracker(f"nul-{tmp_path.name}", uri, spool_dir=spool, fallback_to_local=False)
     bad, good = tracker.start_run(SPEC), tracker.start_run(OTHER)
-    proc = child(OTHER_PROCESS, uri, env={"TRAINKIT_SPOOL_DIR": str(spool)})
+    proc = python(OTHER_PROCESS, uri, env={"TRAINKIT_SPOOL_DIR": str(spool)})
     bad.log_params({"note": "a\x00b", "lr": 0.1})  # PostgreSQL: "cannot contain NUL"
     bad.set_tags({"phase": "train\x00"})
     for step in range(60):
@@ -301,27 +286,26 @@ LOG_THEN_EXIT = """
 """
 
 
+def _end_on_a_dead_store(proc: subprocess.Popen[str], server: MlflowServer) -> str:
+    """LOG_THEN_EXIT's run id, once its store was killed and the child told to end the run."""
+    assert proc.stdin is not None and proc.stdout is not None
+    run_id = proc.stdout.readline().split()[1]
+    assert server.pid is not None
+    os.killpg(server.pid, signal.SIGKILL)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return run_id
+
+
 def test_sync_wakes_a_backing_off_sender_and_returns_with_everything_stored(
     trainkit_sqlite_template: Path, tmp_path: Path
 ) -> None:
     server = server_on_copy(tmp_path, trainkit_sqlite_template)
     spool = tmp_path / "spool"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_SPOOL_DIR": str(spool)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(LOG_THEN_EXIT), server.uri],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = python(LOG_THEN_EXIT, server.uri, env={"TRAINKIT_SPOOL_DIR": str(spool)}, stdin=True)
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        run_id = proc.stdout.readline().split()[1]
-        assert server.pid is not None
-        os.killpg(server.pid, signal.SIGKILL)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        run_id = _end_on_a_dead_store(proc, server)
+        assert proc.stdout is not None
         assert proc.stdout.readline().split()[1] == "False"  # not stored: the store is dead
         assert proc.wait(60) == 0
         wait_for("the sender to back off", lambda: senders(spool) and senders(spool)[0]["down"], 60)
@@ -344,27 +328,10 @@ def test_a_sender_ends_within_its_linger_once_no_writer_lives_store_down(
 ) -> None:
     server = server_on_copy(tmp_path, trainkit_sqlite_template)
     spool = tmp_path / "spool"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "TRAINKIT_SPOOL_DIR": str(spool),
-        "TRAINKIT_SENDER_LINGER": "5",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(LOG_THEN_EXIT), server.uri],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    env = {"TRAINKIT_SPOOL_DIR": str(spool), "TRAINKIT_SENDER_LINGER": "5"}
+    proc = python(LOG_THEN_EXIT, server.uri, env=env, stdin=True)
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        run_id = proc.stdout.readline().split()[1]
-        assert server.pid is not None
-        os.killpg(server.pid, signal.SIGKILL)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        run_id = _end_on_a_dead_store(proc, server)
         assert proc.wait(60) == 0
         wait_for("a sender", lambda: senders(spool), 30)
         # No writer lives and the store stays down: it gives up after 5 s (+ a backoff).
@@ -410,7 +377,7 @@ def test_a_thread_sender_and_a_sender_process_never_both_send_one_store(
     uri, points = counting_proxy
     spool = tmp_path / "spool"
     procs = [
-        child(
+        python(
             TWO_MODES, uri, digest, env={"TRAINKIT_SPOOL_DIR": str(spool), "TRAINKIT_SENDER": mode}
         )
         for digest, mode in (

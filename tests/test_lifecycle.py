@@ -7,14 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 import traceback
 from pathlib import Path
 
 import pytest
+from children import python, steps
 from proxies import Proxy, wait_until
 
 from trainkit_tracking import (
@@ -30,20 +28,6 @@ from trainkit_tracking.testing import MlflowServer, TrainkitStore
 pytestmark = pytest.mark.default_sender
 
 SPEC = RunSpec(kind="hpo_sweep", model="bert", environment="local", study_key_hash="abcd1234")
-
-
-def script(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-
-
-def steps(store: Store, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in store.client.get_metric_history(run_id, key))
 
 
 # --- forks ------------------------------------------------------------------------------
@@ -71,7 +55,7 @@ FORKED_EXITS = """
 def test_a_forked_child_exits_with_its_own_code_and_hooks_do_not_recurse(
     trainkit_store: TrainkitStore,
 ) -> None:
-    proc = script(FORKED_EXITS, trainkit_store.uri)
+    proc = python(FORKED_EXITS, trainkit_store.uri)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     _, exit3, error, run_id = out.split()
@@ -104,7 +88,7 @@ PARENT_KILLED = """
 def test_a_killed_parent_s_journal_is_sent_while_its_forked_child_lives(
     trainkit_store: TrainkitStore,
 ) -> None:
-    proc = script(PARENT_KILLED, trainkit_store.uri)
+    proc = python(PARENT_KILLED, trainkit_store.uri)
     child = 0
     try:
         assert proc.stdout is not None
