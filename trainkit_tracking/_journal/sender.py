@@ -28,7 +28,12 @@ from trainkit_tracking._core.redact import get_logger, redact_value
 from trainkit_tracking._journal.delivery import Outcome, StoreDown, deliver
 from trainkit_tracking._journal.ledger import Record, log_set_aside
 from trainkit_tracking._journal.sender_files import SCAN, JournalFile, Progress, StoreFiles, count
-from trainkit_tracking._journal.sender_lock import hold_lock, lock_path, status_path, write_status
+from trainkit_tracking._journal.sender_lock import (
+    hold_lock,
+    lock_is_current,
+    status_path,
+    write_status,
+)
 from trainkit_tracking._journal.spool import SUFFIX, uri_id
 from trainkit_tracking._journal.wake import Waker
 from trainkit_tracking._process import hooks
@@ -307,14 +312,7 @@ class Sender:
 
     def lock_intact(self) -> bool:
         """Whether the lock file this sender holds is still the spool dir's."""
-        if self.lock_fd is None:
-            return True
-        try:
-            held = os.fstat(self.lock_fd)
-            current = os.stat(lock_path(self.spool_dir, self.uid))
-        except OSError:
-            return False
-        return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+        return self.lock_fd is None or lock_is_current(self.spool_dir, self.uid, self.lock_fd)
 
     def _write_status(self, waiting: bool) -> None:
         status: dict[str, object] = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trainkit_tracking._core.redact import get_logger
 from trainkit_tracking._journal.ledger import Ledger, Record, ack_path, read_lines
-from trainkit_tracking._journal.sender_lock import hold_lock, lock_path
+from trainkit_tracking._journal.sender_lock import hold_lock, lock_is_current
 from trainkit_tracking._journal.spool import SUFFIX, private_dir, read_header, writer_alive
 from trainkit_tracking.errors import TrackingError
 
@@ -109,15 +109,7 @@ class StoreFiles:
     def keep_lock(self) -> bool:
         """The spool dir deleted under us takes our lock file with it: take a new one (or,
         when another sender took it first or nothing is left to send, stop)."""
-        if self.lock_fd is None:
-            return True
-        try:
-            ours = (
-                os.fstat(self.lock_fd).st_ino == os.stat(lock_path(self.spool_dir, self.uid)).st_ino
-            )
-        except OSError:
-            ours = False
-        if ours:
+        if self.lock_fd is None or lock_is_current(self.spool_dir, self.uid, self.lock_fd):
             return True
         if not any(f.todo or not f.eof for f in self.files.values()):
             # Nothing unsent: the directory was removed on purpose (a temporary directory

@@ -24,6 +24,16 @@ def status_path(spool_dir: Path, uid: str) -> Path:
     return spool_dir / f"sender-{uid}.json"
 
 
+def lock_is_current(spool_dir: Path, uid: str, fd: int) -> bool:
+    """Whether ``fd`` is still the spool dir's lock file of ``uid`` (not removed with the
+    directory, nor replaced by a new one)."""
+    try:
+        held, current = os.fstat(fd), os.stat(lock_path(spool_dir, uid))
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+
+
 def hold_lock(spool_dir: Path, uid: str) -> int | None:
     """Take the sender lock of ``uid`` in ``spool_dir``: its fd, or None if it is held."""
     spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
