@@ -328,8 +328,11 @@ class Sender:
         now = time.monotonic()
         if status == self._status and now - self._status_at < 5.0:
             return
+        first = not self._status  # at start, and again after the spool dir was made again
         self._status, self._status_at = status, now
-        if self.lock_intact():  # never a file in a spool dir being removed
+        # Never a file in a spool dir being removed: an update replaces the status file
+        # only while it is there (removing the directory takes it first or last).
+        if self.lock_intact() and (first or status_path(self.spool_dir, self.uid).exists()):
             write_status(self.spool_dir, self.uid, status)
 
 
